@@ -1,0 +1,212 @@
+"""Clamping units to fixed values in activation space.
+
+Ablating a unit replaces its activation with a fixed value for every input: zero, as in
+Morcos et al. (ICLR 2018), or a per-unit value such as the unit's mean activation over a
+reference set (see ``unit_means``). Weights are never changed. The hooks return a new
+tensor and never write into the layer's output, so an in-place activation such as
+``nn.ReLU(inplace=True)`` or a later in-place operation cannot corrupt the result.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from singledir._model_state import preserved_mode, registered_hooks
+from singledir._outputs import OutputKey, replace_output, select_output
+from singledir.layers import validate_layer_names
+
+#: Indices of the units to ablate, per layer name.
+UnitSpec = Mapping[str, Sequence[int] | Tensor | np.ndarray]
+#: A value for every ablated unit, or one tensor of shape (num_units,) per layer.
+AblationValue = float | Mapping[str, Tensor | Sequence[float] | np.ndarray]
+
+
+def _as_index_tensor(layer: str, indices: Any) -> Tensor:
+    tensor = torch.as_tensor(np.asarray(indices, dtype=np.int64).reshape(-1))
+    if tensor.numel() and int(tensor.min()) < 0:
+        raise ValueError(
+            f"Unit indices for layer '{layer}' must be non-negative, but got "
+            f"{int(tensor.min())}. Pass indices from 0 to the number of units minus 1."
+        )
+    return torch.unique(tensor)
+
+
+def _as_value_vector(layer: str, values: Any) -> Tensor:
+    vector = torch.as_tensor(np.asarray(values, dtype=np.float64)).reshape(-1)
+    if not torch.isfinite(vector).all():
+        raise ValueError(
+            f"Ablation values for layer '{layer}' contain NaN or infinity. Pass finite "
+            "values."
+        )
+    return vector
+
+
+class UnitClamp:
+    """Forward hooks that clamp a changeable set of units of several layers.
+
+    This is the mechanism behind ``ablate``. Curves reuse one instance and change its
+    units between evaluations, so the hooks are registered once per curve instead of
+    once per point. Call ``attach`` inside ``registered_hooks`` so the hooks are removed.
+    """
+
+    def __init__(
+        self,
+        layers: Sequence[str],
+        value: AblationValue = 0.0,
+        *,
+        unit_dim: int = 1,
+        output_keys: Mapping[str, OutputKey] | None = None,
+    ) -> None:
+        self.layers = list(layers)
+        self.unit_dim = unit_dim
+        self.output_keys = dict(output_keys or {})
+        self._indices: dict[str, Tensor] = {
+            name: torch.empty(0, dtype=torch.long) for name in self.layers
+        }
+        self._masks: dict[str, Tensor | None] = {name: None for name in self.layers}
+        self._scalar: float | None = None
+        self._vectors: dict[str, Tensor] = {}
+        if isinstance(value, Mapping):
+            missing = [name for name in self.layers if name not in value]
+            if missing:
+                raise ValueError(
+                    f"Per-unit ablation values are missing for layers {missing}. Pass a "
+                    "value tensor for every ablated layer, as unit_means returns."
+                )
+            self._vectors = {
+                name: _as_value_vector(name, value[name]) for name in self.layers
+            }
+        else:
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise TypeError(
+                    f"Expected value to be a float or a mapping from layer name to "
+                    f"per-unit values, but got {type(value).__name__}."
+                )
+            if not math.isfinite(value):
+                raise ValueError(f"Expected a finite ablation value, but got {value}.")
+            self._scalar = float(value)
+
+    def set_units(self, units: UnitSpec) -> None:
+        """Replace the ablated units: ``units`` maps layer names to unit indices."""
+        unknown = [name for name in units if name not in self._indices]
+        if unknown:
+            raise ValueError(
+                f"Layers {unknown} are not among the hooked layers {self.layers}."
+            )
+        for name in self.layers:
+            self._indices[name] = _as_index_tensor(name, units.get(name, []))
+            self._masks[name] = None
+
+    def attach(self, model: nn.Module, handles: list) -> None:
+        """Register one forward hook per layer on ``model``, appending the handles."""
+        modules = dict(model.named_modules())
+        for name in self.layers:
+            handles.append(modules[name].register_forward_hook(self._make_hook(name)))
+
+    def _mask(self, name: str, units: Tensor) -> Tensor:
+        num_units = units.shape[self.unit_dim]
+        mask = self._masks[name]
+        if mask is None or mask.shape[0] != num_units or mask.device != units.device:
+            indices = self._indices[name]
+            if indices.numel() and int(indices.max()) >= num_units:
+                raise IndexError(
+                    f"Unit index {int(indices.max())} is out of range for layer "
+                    f"'{name}', which has {num_units} units. Pass indices from 0 to "
+                    f"{num_units - 1}."
+                )
+            mask = torch.zeros(num_units, dtype=torch.bool)
+            mask[indices] = True
+            mask = mask.to(units.device)
+            self._masks[name] = mask
+        return mask
+
+    def _fill(self, name: str, units: Tensor) -> Tensor | float:
+        if self._scalar is not None:
+            return self._scalar
+        vector = self._vectors[name]
+        num_units = units.shape[self.unit_dim]
+        if vector.shape[0] != num_units:
+            raise ValueError(
+                f"Layer '{name}' has {num_units} units, but {vector.shape[0]} ablation "
+                "values were given for it. Pass one value per unit."
+            )
+        return self._broadcast(vector.to(units.device, units.dtype), units)
+
+    def _broadcast(self, vector: Tensor, units: Tensor) -> Tensor:
+        shape = [1] * units.dim()
+        shape[self.unit_dim] = vector.shape[0]
+        return vector.view(shape)
+
+    def _make_hook(self, name: str):
+        key = self.output_keys.get(name)
+
+        def hook(module: nn.Module, inputs: Any, output: Any) -> Any:
+            if self._indices[name].numel() == 0:
+                return None
+            units = select_output(output, key, name)
+            mask = self._broadcast(self._mask(name, units), units)
+            fill = self._fill(name, units)
+            fill = torch.as_tensor(fill, dtype=units.dtype, device=units.device)
+            # torch.where allocates a new tensor, so the layer's own output, which an
+            # in-place activation shares with its input, is never written.
+            return replace_output(output, key, torch.where(mask, fill, units))
+
+        return hook
+
+
+@contextmanager
+def ablate(
+    model: nn.Module,
+    units: UnitSpec,
+    value: AblationValue = 0.0,
+    *,
+    unit_dim: int = 1,
+    output_keys: Mapping[str, OutputKey] | None = None,
+) -> Iterator[nn.Module]:
+    """Clamp the given units of ``model`` to ``value`` inside a ``with`` block.
+
+    Every forward pass inside the block sees the units clamped, in whatever mode the
+    model is in. On exit, normal or by exception, exactly the hooks this added are
+    removed and every submodule's train/eval mode is what it was on entry.
+
+    Args:
+        model: Any ``nn.Module``.
+        units: Layer name to unit indices along ``unit_dim``. Indices must be in
+            ``[0, num_units)``; an out-of-range index raises IndexError at the first
+            forward pass, when the layer's size is known.
+        value: A float for every ablated unit (default 0.0), or a mapping from layer
+            name to a tensor of shape (num_units,), as ``unit_means`` returns. Only the
+            entries of the ablated units are used.
+        unit_dim: Dimension of the layer output along which units lie.
+        output_keys: For layers that return a tuple, list or dict, the index or key of
+            the element that holds the units.
+
+    Yields:
+        The model itself.
+
+    Raises:
+        ValueError: If a layer name is unknown, an index is negative or a value is not
+            finite.
+
+    Example:
+        >>> with ablate(model, {"relu1": [0, 5]}):
+        ...     logits = model(inputs)
+    """
+    if not isinstance(units, Mapping):
+        raise TypeError(
+            f"Expected units to be a mapping from layer name to unit indices, but got "
+            f"{type(units).__name__}. Pass for example {{'relu1': [0, 5]}}."
+        )
+    validate_layer_names(model, list(units))
+    clamp = UnitClamp(list(units), value, unit_dim=unit_dim, output_keys=output_keys)
+    clamp.set_units(units)
+    with preserved_mode(model), registered_hooks() as handles:
+        clamp.attach(model, handles)
+        yield model

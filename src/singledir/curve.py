@@ -1,0 +1,289 @@
+"""Cumulative ablation curves (Morcos et al., "On the importance of single directions
+for generalization", ICLR 2018).
+
+The units of the chosen layers are pooled, put in a random order, and ablated one after
+another; the model is scored on the data after each step. Networks that memorize their
+training set lose accuracy faster than networks that generalize, so the normalized area
+under this curve predicts generalization without a held-out set. Scores are measured on
+whatever data is passed; the method uses the training set.
+
+What it cannot show: the curve measures reliance on the units of the chosen layers in
+the basis they are computed in. Directions that are not aligned with single units are
+not ablated, and the curve says nothing about layers that were left out.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from singledir._model_state import model_device, preserved_mode, registered_hooks
+from singledir._outputs import OutputKey
+from singledir.ablation import AblationValue, UnitClamp
+from singledir.curve_result import AblationCurve
+from singledir.data import DataSource, iter_batches
+from singledir.evaluation import _to_device, score_batches
+from singledir.layers import LayerInfo, find_layers, validate_layer_names
+from singledir.means import unit_means
+from singledir.metrics import MetricSpec, resolve_metric
+
+logger = logging.getLogger(__name__)
+
+
+def resolve_points(points: int | Sequence[int] | None, total: int) -> np.ndarray:
+    """Return the sorted, distinct numbers of ablated units to evaluate.
+
+    ``None`` gives every k from 0 to ``total``; an integer n gives n evenly spaced k,
+    rounded to integers, that include both ends; a sequence gives those k.
+    """
+    if points is None:
+        return np.arange(total + 1, dtype=np.int64)
+    if isinstance(points, (int, np.integer)) and not isinstance(points, bool):
+        if not 2 <= points <= total + 1:
+            raise ValueError(
+                f"Expected points to be an integer from 2 to {total + 1} (the number of "
+                f"distinct counts of ablated units out of {total}), but got {points}."
+            )
+        return np.unique(np.round(np.linspace(0, total, int(points))).astype(np.int64))
+    array = np.asarray(points)
+    if array.ndim != 1 or array.size == 0 or not np.issubdtype(array.dtype, np.integer):
+        raise ValueError(
+            f"Expected points to be None, an integer, or a sequence of integers, but got "
+            f"{points!r}."
+        )
+    if array.min() < 0 or array.max() > total:
+        raise ValueError(
+            f"Expected every point to be a number of ablated units from 0 to {total}, but "
+            f"got {int(array.min()) if array.min() < 0 else int(array.max())}."
+        )
+    return np.unique(array.astype(np.int64))
+
+
+def draw_orders(total: int, orderings: int, seed: int) -> np.ndarray:
+    """Draw ``orderings`` random permutations of ``total`` pooled units.
+
+    They come from a dedicated CPU ``torch.Generator`` seeded with ``seed``, so they do
+    not depend on or change the global random state, and match across machines.
+    """
+    generator = torch.Generator(device="cpu").manual_seed(int(seed))
+    rows = [torch.randperm(total, generator=generator) for _ in range(orderings)]
+    return torch.stack(rows).numpy() if rows else np.empty((0, total), dtype=np.int64)
+
+
+def split_pooled(
+    order_prefix: np.ndarray, layers: Sequence[LayerInfo]
+) -> dict[str, np.ndarray]:
+    """Map pooled unit indices back to per-layer unit indices."""
+    offsets = np.cumsum([0] + [layer.num_units for layer in layers])
+    units = {}
+    for position, layer in enumerate(layers):
+        start, stop = offsets[position], offsets[position + 1]
+        chosen = order_prefix[(order_prefix >= start) & (order_prefix < stop)]
+        units[layer.name] = np.sort(chosen - start)
+    return units
+
+
+def _check_orderings(orderings: int) -> None:
+    if (
+        isinstance(orderings, bool)
+        or not isinstance(orderings, (int, np.integer))
+        or orderings < 1
+    ):
+        raise ValueError(
+            f"Expected orderings to be a positive integer, but got {orderings!r}."
+        )
+
+
+def _resolve_layers(
+    model: nn.Module,
+    example_input: Any,
+    layers: Sequence[str] | None,
+    unit_dim: int,
+    output_keys: Mapping[str, OutputKey] | None,
+) -> list[LayerInfo]:
+    if layers is not None:
+        validate_layer_names(model, layers)
+    found = find_layers(
+        model, example_input, layers=layers, unit_dim=unit_dim, output_keys=output_keys
+    )
+    if layers is not None:
+        ran = {info.name for info in found}
+        missing = [name for name in layers if name not in ran]
+        if missing:
+            raise ValueError(
+                f"Layers {missing} did not run in the forward pass, so they cannot be "
+                "ablated. Pass layers that the model uses."
+            )
+    if not found:
+        raise ValueError(
+            "The model has no activation modules to ablate. Pass layers, the names of "
+            "the modules whose outputs hold the units."
+        )
+    for info in found:
+        if info.calls != 1:
+            raise ValueError(
+                f"Layer '{info.name}' runs {info.calls} times in one forward pass, so "
+                "ablating it would clamp every call at once. Give each use its own "
+                "module instance."
+            )
+    return found
+
+
+def ablation_curve(
+    model: nn.Module,
+    data: DataSource,
+    layers: Sequence[str] | None = None,
+    orderings: int = 10,
+    seed: int = 0,
+    value: AblationValue | str = 0.0,
+    metric: MetricSpec = "accuracy",
+    points: int | Sequence[int] | None = None,
+    *,
+    unit_dim: int = 1,
+    output_keys: Mapping[str, OutputKey] | None = None,
+    logits_fn: Callable[[Any], Tensor] | None = None,
+    batch_size: int = 256,
+    progress: bool = False,
+) -> AblationCurve:
+    """Compute a cumulative ablation curve of ``model`` on ``data``.
+
+    The units of all chosen layers are pooled, and for each of ``orderings`` random
+    permutations the first k units are ablated for every k in ``points``. Every point is
+    scored over the whole of ``data`` in eval mode without gradients, as total score
+    over total examples. The model's hooks, train/eval mode and weights are as before
+    when this returns or raises.
+
+    Args:
+        model: Any ``nn.Module`` that maps a batch of inputs to logits (or to an output
+            from which ``logits_fn`` extracts them).
+        data: A DataLoader, a Dataset of (input, target) pairs, or an (inputs, targets)
+            pair of tensors. The method measures on the training set.
+        layers: Names of the layers whose units are ablated. Default: every activation
+            module (see ``find_layers``).
+        orderings: Number of random orderings. Default 10.
+        seed: Seed of the CPU generator that draws the orderings. Default 0.
+        value: Ablation value: a float (default 0.0), a mapping from layer name to
+            per-unit values of shape (num_units,), or "mean" for each unit's mean
+            activation over ``data`` (see ``unit_means``).
+        metric: "accuracy", "topK" (such as "top5"), or a callable on (logits, targets)
+            returning per-example scores of shape (batch,) or a scalar batch mean.
+        points: Numbers of ablated units to evaluate. None: every k from 0 to the
+            total. An integer n: n evenly spaced k including both ends. A sequence:
+            those k.
+        unit_dim: Dimension of the layer outputs along which units lie. Default 1.
+        output_keys: For layers that return a tuple, list or dict, the index or key of
+            the element that holds the units.
+        logits_fn: Function from the model's output to the logits, for models that do
+            not return a tensor.
+        batch_size: Examples per forward pass when ``data`` is not a DataLoader.
+        progress: Show a tqdm progress bar over orderings.
+
+    Returns:
+        An ``AblationCurve``. Its ``auc`` is the trapezoidal integral of the score over
+        the fraction of units ablated, from 0 to 1, averaged over orderings.
+
+    Raises:
+        ValueError: For an unknown layer, an empty dataset, targets that do not match
+            the inputs, NaN logits, or points outside [0, total units].
+        TypeError: If the model output is not a tensor and no ``logits_fn`` is given.
+
+    If scoring fails partway, the exception carries the orderings completed so far as
+    ``error.partial_curve`` (an ``AblationCurve``, or None if none completed).
+
+    Example:
+        >>> curve = ablation_curve(model, (train_x, train_y), points=51)
+        >>> curve.auc, curve.relative_auc
+    """
+    _check_orderings(orderings)
+    scorer = resolve_metric(metric)
+    batches = lambda: iter_batches(data, batch_size)
+    first_inputs, _ = next(batches())
+    example = _to_device(first_inputs, model_device(model))
+    infos = _resolve_layers(model, example, layers, unit_dim, output_keys)
+    names = [info.name for info in infos]
+    total = sum(info.num_units for info in infos)
+    ks = resolve_points(points, total)
+
+    if isinstance(value, str):
+        if value != "mean":
+            raise ValueError(
+                f"Expected value to be a float, per-unit values or 'mean', but got {value!r}."
+            )
+        value = unit_means(
+            model,
+            data,
+            names,
+            unit_dim=unit_dim,
+            output_keys=output_keys,
+            batch_size=batch_size,
+        )
+    clamp = UnitClamp(names, value, unit_dim=unit_dim, output_keys=output_keys)
+    orders = draw_orders(total, orderings, seed)
+    value_label: float | str = value if isinstance(value, (int, float)) else "per-unit"
+
+    def make_curve(scores: list[list[float]]) -> AblationCurve:
+        return AblationCurve(
+            num_ablated=ks,
+            scores=np.asarray(scores, dtype=np.float64).reshape(len(scores), ks.size),
+            total_units=total,
+            layers=names,
+            layer_sizes=[info.num_units for info in infos],
+            orders=orders[: len(scores)],
+            metric=scorer.name,
+            seed=int(seed),
+            value=value_label,
+            config={"unit_dim": unit_dim, "batch_size": batch_size},
+        )
+
+    completed: list[list[float]] = []
+    # k = 0 and k = total ablate the same units in every ordering, so they are scored once.
+    shared: dict[int, float] = {}
+    try:
+        with (
+            preserved_mode(model, evaluate=True),
+            registered_hooks() as handles,
+            torch.no_grad(),
+        ):
+            clamp.attach(model, handles)
+            for ordering in _progress(range(orderings), progress):
+                row = []
+                for k in ks:
+                    if int(k) in shared:
+                        row.append(shared[int(k)])
+                        continue
+                    clamp.set_units(split_pooled(orders[ordering, :k], infos))
+                    context = (
+                        f"with {int(k)} of {total} units ablated (ordering {ordering})"
+                    )
+                    score = score_batches(
+                        model, batches(), scorer, logits_fn=logits_fn, context=context
+                    )
+                    if k == 0 or k == total:
+                        shared[int(k)] = score
+                    row.append(score)
+                completed.append(row)
+                logger.debug("Ordering %d of %d done.", ordering + 1, orderings)
+    except BaseException as error:
+        error.partial_curve = make_curve(completed) if completed else None
+        if completed:
+            logger.warning(
+                "Ablation curve failed after %d of %d orderings; the completed orderings "
+                "are attached to the exception as partial_curve.",
+                len(completed),
+                orderings,
+            )
+        raise
+    return make_curve(completed)
+
+
+def _progress(iterable: Any, enabled: bool) -> Any:
+    if not enabled:
+        return iterable
+    from tqdm.auto import tqdm
+
+    return tqdm(iterable, desc="orderings", unit="ordering")

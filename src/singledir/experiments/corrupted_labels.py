@@ -1,0 +1,271 @@
+"""Corrupted labels: memorizing networks rely more on single directions.
+
+Networks are trained on a training set whose labels are partly shuffled (0 to 100%) until
+they fit it, then their hidden units are ablated cumulatively and training accuracy is
+recorded, as in Figure 1a of Morcos et al. (ICLR 2018). The more labels are corrupted, the
+more the network must memorize, and the faster its curve is expected to fall.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+from scipy import stats
+
+from singledir.curve import ablation_curve
+from singledir.curve_result import AblationCurve
+from singledir.data import corrupt_labels
+from singledir.datasets import DATASETS, load_split
+from singledir.experiments._files import save_figure, write_csv, write_json
+from singledir.models import mlp
+from singledir.provenance import derive_seed, environment_info
+from singledir.training import EpochRecord, TrainConfig, train
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class CorruptedLabelsConfig:
+    """Settings of the corrupted-labels experiment; the defaults are the main job."""
+
+    fractions: tuple[float, ...] = (0.0, 0.2, 0.4, 0.6, 0.8, 1.0)  # of training labels
+    hidden: tuple[int, ...] = (512, 512)  # widths of the MLP's hidden layers
+    orderings: int = 10  # random ablation orderings per network
+    points: int = 51  # evenly spaced numbers of ablated units, both ends included
+    seed: int = 0  # base seed: split, corruption, initialization, data order, orderings
+    dataset: str = "mnist-subset"
+    test_size: int = 1000  # examples held out of the 5,000 for test accuracy
+    train_size: int | None = None  # subsample the training split; None keeps all of it
+    max_epochs: int = 100  # cap when the target training accuracy is not reached
+    target_train_accuracy: float = 0.99  # stop training once reached
+    batch_size: int = 128  # training batch size
+    lr: float = 1e-3  # Adam learning rate
+
+    def validate(self) -> None:
+        """Raise ValueError on the first invalid setting, before any training."""
+        if not self.fractions:
+            raise ValueError("Expected at least one corruption fraction, but got none.")
+        for fraction in self.fractions:
+            if not 0.0 <= fraction <= 1.0:
+                raise ValueError(
+                    f"Expected every corruption fraction to be in the [0, 1] range, but "
+                    f"got {fraction}."
+                )
+        if self.dataset not in DATASETS:
+            raise ValueError(
+                f"Unknown dataset {self.dataset!r}. Choose one of: {', '.join(DATASETS)}."
+            )
+        if self.orderings < 1:
+            raise ValueError(
+                f"Expected orderings to be at least 1, but got {self.orderings}."
+            )
+        if self.points < 2:
+            raise ValueError(
+                f"Expected points to be at least 2, but got {self.points}."
+            )
+        if not 0.0 < self.target_train_accuracy <= 1.0:
+            raise ValueError(
+                "Expected the target training accuracy to be in the (0, 1] range, but got "
+                f"{self.target_train_accuracy}."
+            )
+
+
+@dataclass
+class TrialResult:
+    """One trained network: its corruption fraction, accuracies and curve."""
+
+    corruption: float
+    seeds: dict[str, int]
+    history: list[EpochRecord]
+    test_accuracy: float
+    curve: AblationCurve
+
+    @property
+    def train_accuracy(self) -> float:
+        return self.history[-1].train_accuracy
+
+
+@dataclass
+class CorruptedLabelsResult:
+    config: CorruptedLabelsConfig
+    trials: list[TrialResult] = field(default_factory=list)
+
+    def summary(self) -> pd.DataFrame:
+        rows = [
+            {
+                "corruption": trial.corruption,
+                "train_accuracy": trial.train_accuracy,
+                "test_accuracy": trial.test_accuracy,
+                "auc": trial.curve.auc,
+                "auc_std": trial.curve.auc_std,
+                "relative_auc": trial.curve.relative_auc,
+                "epochs": len(trial.history),
+            }
+            for trial in self.trials
+        ]
+        return pd.DataFrame(rows)
+
+    def curves(self) -> pd.DataFrame:
+        frames = []
+        for trial in self.trials:
+            frame = trial.curve.to_frame()
+            frame.insert(0, "corruption", trial.corruption)
+            frames.append(frame)
+        return pd.concat(frames, ignore_index=True)
+
+    def spearman(self) -> tuple[float, float]:
+        """Spearman correlation of corruption fraction with AUC, and its p-value."""
+        summary = self.summary()
+        if len(summary) < 3:
+            return float("nan"), float("nan")
+        result = stats.spearmanr(summary["corruption"], summary["auc"])
+        return float(result.statistic), float(result.pvalue)
+
+
+def _train_trial(
+    config: CorruptedLabelsConfig,
+    index: int,
+    fraction: float,
+    split: Any,
+    on_epoch: Callable[[EpochRecord], None] | None,
+) -> TrialResult:
+    seeds = {
+        "corruption": derive_seed(config.seed, 1, index),
+        "init": derive_seed(config.seed, 2, index),
+        "data_order": derive_seed(config.seed, 3, index),
+        "orderings": derive_seed(config.seed, 4, index),
+    }
+    labels, _ = corrupt_labels(split.train_targets, fraction, seed=seeds["corruption"])
+    # fork_rng keeps the caller's global random state as it was.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seeds["init"])
+        model = mlp(split.input_dim, hidden=config.hidden, classes=split.num_classes)
+    train_config = TrainConfig(
+        epochs=config.max_epochs,
+        batch_size=config.batch_size,
+        lr=config.lr,
+        target_train_accuracy=config.target_train_accuracy,
+        seed=seeds["data_order"],
+    )
+    history = train(
+        model,
+        (split.train_inputs, labels),
+        (split.test_inputs, split.test_targets),
+        train_config,
+        on_epoch=on_epoch,
+    )
+    if history[-1].train_accuracy < config.target_train_accuracy:
+        logger.warning(
+            "Corruption %.2f: training accuracy %.4f is below the target %.4f after %d "
+            "epochs.",
+            fraction,
+            history[-1].train_accuracy,
+            config.target_train_accuracy,
+            config.max_epochs,
+        )
+    curve = ablation_curve(
+        model,
+        (split.train_inputs, labels),
+        orderings=config.orderings,
+        seed=seeds["orderings"],
+        points=config.points,
+        batch_size=1000,
+    )
+    return TrialResult(fraction, seeds, history, history[-1].test_accuracy, curve)
+
+
+def plot_curves(result: CorruptedLabelsResult) -> Any:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, ax = plt.subplots(figsize=(6, 4.5))
+    colors = plt.get_cmap("viridis")(np.linspace(0.0, 0.9, max(len(result.trials), 1)))
+    for trial, color in zip(result.trials, colors):
+        trial.curve.plot(ax, label=f"{trial.corruption:.1f}", color=color)
+    ax.set_ylabel("Training accuracy")
+    ax.set_ylim(0, 1.02)
+    ax.set_title(
+        f"Cumulative ablation, MLP {result.config.hidden} on {result.config.dataset}"
+    )
+    ax.legend(title="Labels corrupted")
+    return figure
+
+
+def _write_outputs(
+    result: CorruptedLabelsResult, out: Path, started: float, finished: bool
+) -> None:
+    summary = result.summary()
+    write_csv(out / "summary.csv", summary)
+    curves = result.curves()
+    write_csv(out / "curves.csv", curves)
+    rho, p_value = result.spearman()
+    write_json(
+        out / "run.json",
+        {
+            "experiment": "corrupted-labels",
+            "finished": finished,
+            "config": asdict(result.config),
+            "seeds": {f"{trial.corruption}": trial.seeds for trial in result.trials},
+            "spearman_corruption_auc": rho,
+            "spearman_p_value": p_value,
+            "epochs": {
+                f"{trial.corruption}": [asdict(r) for r in trial.history]
+                for trial in result.trials
+            },
+            "environment": environment_info(),
+            "seconds": time.perf_counter() - started,
+        },
+    )
+    if finished:
+        save_figure(plot_curves(result), out / "figure.png")
+
+
+def run_corrupted_labels(
+    config: CorruptedLabelsConfig,
+    out: str | Path,
+    on_epoch: Callable[[float, EpochRecord], None] | None = None,
+) -> CorruptedLabelsResult:
+    """Train one MLP per corruption fraction, measure its curve and write ``out``.
+
+    ``out`` receives summary.csv, curves.csv, run.json and figure.png. The CSV and JSON
+    files are rewritten after every network, so a crash keeps the finished ones.
+    """
+    config.validate()
+    started = time.perf_counter()
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    split = load_split(config.dataset, test_size=config.test_size, seed=config.seed)
+    if config.train_size is not None:
+        keep = np.sort(
+            np.random.default_rng(config.seed).permutation(len(split.train_targets))[
+                : config.train_size
+            ]
+        )
+        split.train_inputs, split.train_targets = (
+            split.train_inputs[keep],
+            split.train_targets[keep],
+        )
+    result = CorruptedLabelsResult(config)
+    for index, fraction in enumerate(config.fractions):
+        logger.info("Corruption %.2f: training", fraction)
+        callback = (
+            None
+            if on_epoch is None
+            else (lambda record, f=fraction: on_epoch(f, record))
+        )
+        trial = _train_trial(config, index, fraction, split, callback)
+        result.trials.append(trial)
+        logger.info("Corruption %.2f: AUC %.4f", fraction, trial.curve.auc)
+        _write_outputs(result, out, started, finished=False)
+    _write_outputs(result, out, started, finished=True)
+    return result

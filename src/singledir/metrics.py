@@ -1,0 +1,121 @@
+"""Scores for ablation curves, accumulated exactly over batches.
+
+Every metric returns the sum of per-example scores and the number of examples for a
+batch, so the score of a dataset is total over total (micro averaging). It does not
+depend on the batch size, and top-k accuracy can never fall below top-1 accuracy.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+MetricFn = Callable[[Tensor, Tensor], Tensor | float]
+MetricSpec = str | MetricFn
+
+_TOPK = re.compile(r"top(\d+)")
+
+
+@dataclass(frozen=True)
+class Metric:
+    """A named metric: ``batch_sum(logits, targets)`` returns (score sum, count)."""
+
+    name: str
+    batch_sum: Callable[[Tensor, Tensor], tuple[float, int]]
+
+
+def _check_classification(logits: Tensor, targets: Tensor) -> None:
+    if logits.dim() != 2:
+        raise ValueError(
+            f"Expected logits of shape (batch, classes), but got shape "
+            f"{tuple(logits.shape)}. Pass logits_fn to reshape the model output."
+        )
+    if targets.dim() != 1 or targets.shape[0] != logits.shape[0]:
+        raise ValueError(
+            f"Targets do not match the logits: logits of shape {tuple(logits.shape)} but "
+            f"targets of shape {tuple(targets.shape)}. Pass one class index per example."
+        )
+    if targets.dtype.is_floating_point or targets.dtype == torch.bool:
+        raise ValueError(
+            f"Expected integer class indices as targets, but got dtype {targets.dtype}. "
+            "Convert them with targets.long()."
+        )
+    if targets.numel() and (
+        int(targets.min()) < 0 or int(targets.max()) >= logits.shape[1]
+    ):
+        bad = (
+            int(targets.max())
+            if int(targets.max()) >= logits.shape[1]
+            else int(targets.min())
+        )
+        raise ValueError(
+            f"Target {bad} is out of range for a model with {logits.shape[1]} outputs. "
+            f"Pass class indices from 0 to {logits.shape[1] - 1}."
+        )
+
+
+def topk_correct(logits: Tensor, targets: Tensor, k: int) -> Tensor:
+    """Return a boolean tensor of shape (batch,): whether the target is among the top k.
+
+    ``k`` larger than the number of classes counts every example as correct.
+    """
+    _check_classification(logits, targets)
+    targets = targets.to(logits.device)
+    if k == 1:
+        return logits.argmax(dim=1) == targets
+    k = min(k, logits.shape[1])
+    top = logits.topk(k, dim=1).indices
+    return (top == targets.unsqueeze(1)).any(dim=1)
+
+
+def _topk_metric(k: int) -> Metric:
+    def batch_sum(logits: Tensor, targets: Tensor) -> tuple[float, int]:
+        correct = topk_correct(logits, targets, k)
+        return float(correct.sum().item()), int(correct.numel())
+
+    return Metric("accuracy" if k == 1 else f"top{k}", batch_sum)
+
+
+def _callable_metric(fn: MetricFn) -> Metric:
+    name = getattr(fn, "__name__", type(fn).__name__)
+
+    def batch_sum(logits: Tensor, targets: Tensor) -> tuple[float, int]:
+        value = fn(logits, targets)
+        count = int(logits.shape[0])
+        tensor = torch.as_tensor(value, dtype=torch.float64)
+        if tensor.dim() == 0:
+            # A scalar is taken as the mean over the batch.
+            return float(tensor.item()) * count, count
+        if tensor.dim() == 1 and tensor.shape[0] == count:
+            return float(tensor.sum().item()), count
+        raise ValueError(
+            f"Metric {name!r} returned a tensor of shape {tuple(tensor.shape)} for a "
+            f"batch of {count} examples. Return one score per example, of shape "
+            f"({count},), or a scalar batch mean."
+        )
+
+    return Metric(name, batch_sum)
+
+
+def resolve_metric(metric: MetricSpec) -> Metric:
+    """Turn ``"accuracy"``, ``"topK"`` or a callable on (logits, targets) into a Metric.
+
+    A callable may return a tensor of per-example scores, of shape (batch,), or a scalar
+    that is the batch mean. Either way the dataset score is the mean over all examples.
+    """
+    if callable(metric):
+        return _callable_metric(metric)
+    if isinstance(metric, str):
+        if metric == "accuracy":
+            return _topk_metric(1)
+        match = _TOPK.fullmatch(metric)
+        if match and int(match.group(1)) >= 1:
+            return _topk_metric(int(match.group(1)))
+    raise ValueError(
+        f"Unknown metric {metric!r}. Pass 'accuracy', 'topK' for a positive integer K "
+        "(such as 'top5'), or a callable that takes (logits, targets)."
+    )
