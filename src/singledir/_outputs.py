@@ -18,14 +18,14 @@ OutputKey = int | str
 
 
 def select_output(output: Any, key: OutputKey | None, layer: str) -> Tensor:
-    """Return the tensor that holds the units of ``layer`` from its raw output."""
+    """Return the tensor that contains the units of ``layer`` from its raw output."""
     if key is None:
         if isinstance(output, Tensor):
             return output
         raise TypeError(
             f"Layer '{layer}' returned a {type(output).__name__}, not a tensor, so its "
             f"units cannot be found. Pass output_keys={{'{layer}': KEY}}, where KEY is "
-            "the index or dict key of the element that holds the units."
+            "the index or dict key of the element that contains the units."
         )
     try:
         selected = output[key]
@@ -33,13 +33,13 @@ def select_output(output: Any, key: OutputKey | None, layer: str) -> Tensor:
         raise TypeError(
             f"output_keys['{layer}'] is {key!r}, but the layer returned a "
             f"{type(output).__name__} that has no element {key!r}. Pass the index or "
-            "dict key of the element that holds the units."
+            "dict key of the element that contains the units."
         ) from error
     if not isinstance(selected, Tensor):
         raise TypeError(
             f"Element {key!r} of the output of layer '{layer}' is a "
             f"{type(selected).__name__}, not a tensor. Pass the index or dict key of "
-            "the element that holds the units in output_keys."
+            "the element that contains the units in output_keys."
         )
     return selected
 

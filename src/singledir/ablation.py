@@ -172,7 +172,7 @@ def ablate(
 ) -> Iterator[nn.Module]:
     """Clamp the given units of ``model`` to ``value`` inside a ``with`` block.
 
-    Every forward pass inside the block sees the units clamped, in whatever mode the
+    Every forward pass inside the block runs with the units clamped, in whatever mode the
     model is in. On exit, normal or by exception, exactly the hooks this added are
     removed and every submodule's train/eval mode is what it was on entry.
 
@@ -186,7 +186,7 @@ def ablate(
             entries of the ablated units are used.
         unit_dim: Dimension of the layer output along which units lie.
         output_keys: For layers that return a tuple, list or dict, the index or key of
-            the element that holds the units.
+            the element that contains the units.
 
     Yields:
         The model itself.

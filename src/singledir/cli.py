@@ -16,7 +16,7 @@ logger = logging.getLogger("singledir")
 
 
 class _Parser(argparse.ArgumentParser):
-    """An ArgumentParser whose errors also say how to list the valid options."""
+    """An ArgumentParser whose error messages end with how to list the options."""
 
     def error(self, message: str) -> None:  # type: ignore[override]
         self.print_usage(sys.stderr)
@@ -299,7 +299,9 @@ def _load_model(path: Path, function_name: str) -> Any:
         functions = sorted(
             name
             for name, item in vars(module).items()
-            if callable(item) and not name.startswith("_")
+            if callable(item)
+            and not name.startswith("_")
+            and getattr(item, "__module__", None) == module.__name__
         )
         raise _missing_function_error(path, function_name, functions)
     return build()
@@ -439,7 +441,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         ValueError,
         TypeError,
         IndexError,
-        FileNotFoundError,
+        AttributeError,
+        OSError,
         RuntimeError,
     ) as error:
         print(f"singledir {args.command}: error: {error}", file=sys.stderr)

@@ -2,7 +2,7 @@
 for generalization", ICLR 2018).
 
 The units of the chosen layers are pooled, put in a random order, and ablated one after
-another; the model is scored on the data after each step. Networks that memorize their
+another. The model is scored on the data after each step. Networks that memorize their
 training set lose accuracy faster than networks that generalize, so the normalized area
 under this curve predicts generalization without a held-out set. Scores are measured on
 whatever data is passed; the method uses the training set.
@@ -34,12 +34,15 @@ from singledir.metrics import MetricSpec, resolve_metric
 
 logger = logging.getLogger(__name__)
 
+# Number of full passes over the data above which ablation_curve warns that it is slow.
+_MANY_PASSES = 5000
+
 
 def resolve_points(points: int | Sequence[int] | None, total: int) -> np.ndarray:
     """Return the sorted, distinct numbers of ablated units to evaluate.
 
-    ``None`` gives every k from 0 to ``total``; an integer n gives n evenly spaced k,
-    rounded to integers, that include both ends; a sequence gives those k.
+    ``None`` gives every k from 0 to ``total``. An integer n gives n evenly spaced k,
+    rounded to integers, that include both ends. A sequence gives those k.
     """
     if points is None:
         return np.arange(total + 1, dtype=np.int64)
@@ -177,7 +180,7 @@ def ablation_curve(
             those k.
         unit_dim: Dimension of the layer outputs along which units lie. Default 1.
         output_keys: For layers that return a tuple, list or dict, the index or key of
-            the element that holds the units.
+            the element that contains the units.
         logits_fn: Function from the model's output to the logits, for models that do
             not return a tensor.
         batch_size: Examples per forward pass when ``data`` is not a DataLoader.
@@ -223,6 +226,16 @@ def ablation_curve(
             batch_size=batch_size,
         )
     clamp = UnitClamp(names, value, unit_dim=unit_dim, output_keys=output_keys)
+    passes = orderings * int(np.count_nonzero((ks > 0) & (ks < total))) + 2
+    if passes > _MANY_PASSES:
+        logger.warning(
+            "This curve needs %d full passes over the data (%d orderings x %d points). "
+            "Pass points=51 for a curve that is about %d times cheaper.",
+            passes,
+            orderings,
+            ks.size,
+            max(ks.size // 51, 1),
+        )
     orders = draw_orders(total, orderings, seed)
     value_label: float | str = value if isinstance(value, (int, float)) else "per-unit"
 

@@ -3,7 +3,7 @@
 A *unit* is one slice of a layer's output along the unit dimension: one feature of an
 MLP layer, or one whole feature map of a conv layer. By default the ablatable layers are
 the outputs of ``torch.nn`` activation modules, so that ablation happens after the
-nonlinearity; any named module can be chosen instead.
+nonlinearity. Any named module can be chosen instead.
 
 Warning:
     A module instance that runs more than once per forward pass (one ``nn.ReLU`` shared
@@ -129,7 +129,7 @@ def find_layers(
             features of an MLP or the channels of a conv net; use 2 for
             (batch, sequence, features).
         output_keys: For layers that return a tuple, list or dict, the index or key of
-            the element that holds the units.
+            the element that contains the units.
 
     Returns:
         One ``LayerInfo`` per layer that ran, ordered by its first call.
@@ -138,7 +138,7 @@ def find_layers(
         ValueError: If a name in ``layers`` is not a module of ``model``, or a layer's
             output has no dimension ``unit_dim``.
         TypeError: If a layer returns a non-tensor and ``output_keys`` does not say
-            which element holds the units.
+            which element contains the units.
 
     Example:
         >>> model = singledir.models.mlp(784)

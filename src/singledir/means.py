@@ -47,7 +47,7 @@ def unit_means(
         layers: Layer names. Default: every activation module of the model.
         unit_dim: Dimension of the layer output along which units lie.
         output_keys: For layers that return a tuple, list or dict, the index or key of
-            the element that holds the units.
+            the element that contains the units.
         batch_size: Examples per forward pass when ``data`` is not a DataLoader.
 
     Returns:

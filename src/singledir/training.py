@@ -96,7 +96,7 @@ def train(
     """Train ``model`` with cross-entropy on in-memory tensors, in place.
 
     After every epoch, loss and accuracy are measured in eval mode on the whole training
-    set and, if given, the test set; they are logged, passed to ``on_epoch`` and
+    set and, if given, the test set. They are logged, passed to ``on_epoch`` and
     returned. Training stops at ``config.epochs`` or once the training accuracy reaches
     ``config.target_train_accuracy``. The model is left in eval mode.
 

@@ -1,0 +1,228 @@
+import importlib.metadata
+import importlib.util
+import json
+import re
+import textwrap
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from singledir import ablation_curve
+from singledir.cli import main
+
+SMALL_RUN = [
+    "corrupted-labels",
+    "--fractions",
+    "0,0.5,1",
+    "--hidden",
+    "16,16",
+    "--train-size",
+    "300",
+    "--test-size",
+    "200",
+    "--max-epochs",
+    "4",
+    "--lr",
+    "0.01",
+    "--orderings",
+    "2",
+    "--points",
+    "5",
+    "--no-progress",
+]
+
+
+def test_corrupted_labels_end_to_end(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main([*SMALL_RUN, "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "Spearman correlation of corruption with AUC" in printed
+    assert f"Wrote {out}" in printed
+
+    summary = pd.read_csv(out / "summary.csv")
+    assert list(summary.columns[:5]) == [
+        "corruption",
+        "train_accuracy",
+        "test_accuracy",
+        "auc",
+        "auc_std",
+    ]
+    assert summary["corruption"].tolist() == [0.0, 0.5, 1.0]
+    assert summary["auc"].between(0, 1).all()
+
+    curves = pd.read_csv(out / "curves.csv")
+    assert list(curves.columns) == [
+        "corruption",
+        "ordering",
+        "num_ablated",
+        "fraction",
+        "accuracy",
+    ]
+    assert len(curves) == 3 * 2 * 5
+    assert curves["num_ablated"].max() == 32
+    first = curves[(curves.corruption == 0.0)].pivot(
+        index="ordering", columns="fraction", values="accuracy"
+    )
+    auc = np.trapezoid(first.to_numpy(), first.columns.to_numpy(), axis=1).mean()
+    assert auc == pytest.approx(summary.loc[0, "auc"], abs=1e-12)
+
+    run = json.loads((out / "run.json").read_text())
+    assert run["config"]["hidden"] == [16, 16]
+    assert run["finished"] is True
+    assert set(run["seeds"]["0.5"]) == {"corruption", "init", "data_order", "orderings"}
+    assert (
+        run["environment"]["packages"]["torch"] == torch.__version__.split("+")[0]
+        or run["environment"]["packages"]["torch"]
+    )
+    assert run["seconds"] > 0
+    assert (out / "figure.png").stat().st_size > 10_000
+
+
+def test_corrupted_labels_same_seed_same_numbers(tmp_path):
+    for name in ("a", "b"):
+        assert (
+            main([*SMALL_RUN, "--fractions", "0,1", "--out", str(tmp_path / name)]) == 0
+        )
+    for name in ("summary.csv", "curves.csv"):
+        assert (tmp_path / "a" / name).read_text() == (
+            tmp_path / "b" / name
+        ).read_text()
+
+
+def test_unknown_option(capsys):
+    with pytest.raises(SystemExit) as caught:
+        main(["corrupted-labels", "--out", "x", "--orderingz", "3"])
+    assert caught.value.code == 2
+    last_line = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last_line == (
+        "singledir: error: unrecognized arguments: --orderingz 3. Run 'singledir --help' "
+        "to list the options."
+    )
+
+
+def test_fraction_outside_range_option(capsys):
+    with pytest.raises(SystemExit) as caught:
+        main(["corrupted-labels", "--out", "x", "--fractions", "0,1.5"])
+    assert caught.value.code == 2
+    last_line = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last_line == (
+        "singledir corrupted-labels: error: argument --fractions: expected every fraction "
+        "to be in the [0, 1] range, but got 1.5. Run 'singledir corrupted-labels --help' "
+        "to list the options."
+    )
+
+
+MODEL_FILE = textwrap.dedent(
+    """
+    from collections import OrderedDict
+    from torch import nn
+
+    def build():
+        return nn.Sequential(OrderedDict([
+            ("fc", nn.Linear(5, 9)), ("act", nn.Tanh()), ("out", nn.Linear(9, 3)),
+        ]))
+    """
+)
+
+
+def load_build_function(path):
+    spec = importlib.util.spec_from_file_location("test_user_model", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.build
+
+
+def test_curve_command_matches_library(tmp_path, capsys):
+    model_file = tmp_path / "my_model.py"
+    model_file.write_text(MODEL_FILE)
+    model = load_build_function(model_file)()
+    torch.save(model.state_dict(), tmp_path / "weights.pt")
+    inputs = torch.randn(40, 5)
+    targets = torch.randint(0, 3, (40,))
+    torch.save((inputs, targets), tmp_path / "data.pt")
+    out = tmp_path / "curve"
+    status = main(
+        [
+            "curve",
+            "--model-file", str(model_file),
+            "--model-fn", "build",
+            "--weights", str(tmp_path / "weights.pt"),
+            "--data", str(tmp_path / "data.pt"),
+            "--layers", "act",
+            "--orderings", "3",
+            "--points", "4",
+            "--seed", "5",
+            "--no-progress",
+            "--out", str(out),
+        ]
+    )  # fmt: skip
+    assert status == 0
+    expected = ablation_curve(
+        model, (inputs, targets), layers=["act"], orderings=3, seed=5, points=4
+    )
+    summary = pd.read_csv(out / "summary.csv")
+    assert summary.loc[0, "auc"] == pytest.approx(expected.auc, abs=1e-12)
+    curves = pd.read_csv(out / "curves.csv")
+    np.testing.assert_allclose(
+        curves["accuracy"].to_numpy(), expected.scores.reshape(-1), atol=1e-12
+    )
+    assert (out / "figure.png").exists()
+    assert json.loads((out / "run.json").read_text())["layers"] == ["act"]
+
+
+def test_curve_command_unknown_function(tmp_path, capsys):
+    model_file = tmp_path / "my_model.py"
+    model_file.write_text(MODEL_FILE)
+    status = main(
+        [
+            "curve",
+            "--model-file",
+            str(model_file),
+            "--model-fn",
+            "make",
+            "--out",
+            str(tmp_path / "o"),
+        ]
+    )
+    assert status == 1
+    message = (
+        f"singledir curve: error: '{model_file}' has no function 'make'. It defines: "
+        "build. Pass one of them as --model-fn."
+    )
+    assert capsys.readouterr().err.strip() == message
+
+
+def test_curve_command_unknown_layer(tmp_path, capsys):
+    model_file = tmp_path / "my_model.py"
+    model_file.write_text(MODEL_FILE)
+    torch.save(
+        (torch.randn(6, 5), torch.zeros(6, dtype=torch.long)), tmp_path / "data.pt"
+    )
+    args = [
+        "curve",
+        "--model-file",
+        str(model_file),
+        "--model-fn",
+        "build",
+        "--data",
+        str(tmp_path / "data.pt"),
+    ]
+    status = main(
+        [*args, "--layers", "relu", "--no-progress", "--out", str(tmp_path / "o")]
+    )
+    assert status == 1
+    message = (
+        "singledir curve: error: Unknown layer name 'relu'. The model has these layers: "
+        "fc, act, out. Pass names from model.named_modules()."
+    )
+    assert capsys.readouterr().err.strip() == message
+
+
+def test_env_prints_versions(capsys):
+    assert main(["env"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["packages"]["torch"]
+    assert info["cpu_count"] >= 1
+    assert re.fullmatch(r"\d+\.\d+\.\d+", info["python"])
