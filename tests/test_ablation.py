@@ -155,7 +155,7 @@ def test_ablate_equals_zeroing_next_weights():
 
 def test_unit_means_by_hand():
     model = two_unit_net()
-    means = unit_means(model, two_unit_data(), ["relu"], batch_size=3)
+    means = unit_means(model, two_unit_data(), ["relu"], chunk_size=3)
     assert means["relu"].dtype == torch.float64
     assert torch.equal(means["relu"], torch.tensor([1.25, 1.5], dtype=torch.float64))
 
@@ -164,7 +164,7 @@ def test_unit_means_conv_over_every_batch():
     model = SmallConvNet().double()
     inputs = torch.randn(31, 2, 5, 4, dtype=torch.float64)
     targets = torch.zeros(31, dtype=torch.long)
-    means = unit_means(model, (inputs, targets), ["relu1", "relu2"], batch_size=7)
+    means = unit_means(model, (inputs, targets), ["relu1", "relu2"], chunk_size=7)
     with torch.no_grad():
         first = torch.relu(model.conv1(inputs))
         second = torch.relu(model.conv2(first))
@@ -181,7 +181,7 @@ def test_unit_means_inplace_not_corrupted_later():
     model = nn.Sequential(nn.Linear(3, 4), nn.ReLU(inplace=True), AddAfter()).double()
     inputs = torch.randn(9, 3, dtype=torch.float64)
     means = unit_means(
-        model, (inputs, torch.zeros(9, dtype=torch.long)), ["1"], batch_size=4
+        model, (inputs, torch.zeros(9, dtype=torch.long)), ["1"], chunk_size=4
     )
     with torch.no_grad():
         expected = torch.relu(model[0](inputs)).mean(dim=0)
@@ -195,7 +195,7 @@ def test_unit_means_keeps_no_activation():
         lambda m, i, o: alive.append(weakref.ref(o))
     )
     data = (torch.randn(40, 2, 6, 6), torch.zeros(40, dtype=torch.long))
-    unit_means(model, data, ["relu1"], batch_size=8)
+    unit_means(model, data, ["relu1"], chunk_size=8)
     handle.remove()
     gc.collect()
     assert len(alive) == 5
@@ -219,3 +219,92 @@ def test_unit_means_leaves_train_mode():
         model, (torch.randn(6, 2, 4, 4), torch.zeros(6, dtype=torch.long)), ["relu1"]
     )
     assert_unchanged(model, before)
+
+
+def test_ablate_rejects_boolean_mask():
+    model = nn.Sequential(nn.Identity())
+    message = (
+        "Expected integer unit indices for layer '0', but got dtype bool. Pass indices "
+        "such as [0, 5]; turn a boolean mask into indices with mask.nonzero()."
+    )
+    with pytest.raises(TypeError, match=f"^{re.escape(message)}$"):
+        ablate(model, {"0": torch.tensor([False, True])}).__enter__()
+    with pytest.raises(TypeError, match="^Expected integer unit indices"):
+        ablate(model, {"0": [1.9]}).__enter__()
+    assert hook_count(model) == 0
+
+
+def test_ablate_never_writes_layer_output():
+    # nn.Identity returns its input, so a hook that edited its output in place would
+    # change the caller's tensor.
+    model = nn.Sequential(nn.Identity(), nn.Linear(3, 2))
+    inputs = torch.ones(2, 3)
+    with ablate(model, {"0": [1]}):
+        model(inputs)
+    assert torch.equal(inputs, torch.ones(2, 3))
+
+
+def test_ablate_mask_follows_layer_size():
+    model = nn.Sequential(nn.Identity())
+    with ablate(model, {"0": [1]}):
+        small = model(torch.ones(1, 2))
+        large = model(torch.ones(1, 5))
+    assert small.tolist() == [[1.0, 0.0]]
+    assert large.tolist() == [[1.0, 0.0, 1.0, 1.0, 1.0]]
+
+
+def test_ablate_rejects_batch_unit_dim():
+    model = nn.Sequential(nn.Identity())
+    before = snapshot(model)
+    message = (
+        "unit_dim=0 is the batch dimension of layer '0'. Pass the dimension along which "
+        "the units lie, such as 1."
+    )
+    with (
+        pytest.raises(ValueError, match=f"^{re.escape(message)}$"),
+        ablate(model, {"0": [0]}, unit_dim=0),
+    ):
+        model(torch.ones(2, 3))
+    assert_unchanged(model, before)
+
+
+def test_ablate_rejects_missing_unit_dim():
+    model = nn.Sequential(nn.Identity())
+    message = (
+        "Layer '0' outputs a tensor of shape (2, 3), which has no unit dimension 2 after "
+        "the batch dimension. Pass unit_dim, the dimension along which the units lie."
+    )
+    with (
+        pytest.raises(ValueError, match=f"^{re.escape(message)}$"),
+        ablate(model, {"0": [0]}, unit_dim=2),
+    ):
+        model(torch.ones(2, 3))
+
+
+def test_unit_means_rejects_reused_module():
+    class Shared(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(3, 3)
+            self.act = nn.ReLU()
+
+        def forward(self, x):
+            return self.act(self.fc(self.act(x)))
+
+    message = (
+        "Layer 'act' runs 2 times in one forward pass, so its calls would be averaged "
+        "together. Give each use its own module instance."
+    )
+    data = (torch.randn(6, 3), torch.zeros(6, dtype=torch.long))
+    with pytest.raises(ValueError, match=f"^{re.escape(message)}$"):
+        unit_means(Shared(), data, ["act"], chunk_size=4)
+
+
+def test_unit_means_leaves_global_rng():
+    from torch.utils.data import TensorDataset
+
+    model = SmallConvNet()
+    dataset = TensorDataset(torch.randn(6, 2, 4, 4), torch.zeros(6, dtype=torch.long))
+    state = torch.get_rng_state()
+    unit_means(model, dataset, ["relu1"])
+    assert torch.equal(torch.get_rng_state(), state)

@@ -97,8 +97,19 @@ def test_unknown_option(capsys):
     assert caught.value.code == 2
     last_line = capsys.readouterr().err.strip().splitlines()[-1]
     assert last_line == (
-        "singledir: error: unrecognized arguments: --orderingz 3. Run 'singledir --help' "
-        "to list the options."
+        "singledir corrupted-labels: error: unrecognized arguments: --orderingz 3. Run "
+        "'singledir corrupted-labels --help' to list the options."
+    )
+
+
+def test_abbreviated_option_rejected(capsys):
+    with pytest.raises(SystemExit) as caught:
+        main(["corrupted-labels", "--out", "x", "--fraction", "0,1"])
+    assert caught.value.code == 2
+    last_line = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last_line == (
+        "singledir corrupted-labels: error: unrecognized arguments: --fraction 0,1. Run "
+        "'singledir corrupted-labels --help' to list the options."
     )
 
 
@@ -226,3 +237,68 @@ def test_env_prints_versions(capsys):
     assert info["packages"]["torch"]
     assert info["cpu_count"] >= 1
     assert re.fullmatch(r"\d+\.\d+\.\d+", info["python"])
+
+
+def test_curve_command_bad_files(tmp_path, capsys):
+    model_file = tmp_path / "my_model.py"
+    model_file.write_text(MODEL_FILE)
+    whole_model = tmp_path / "whole.pt"
+    torch.save(load_build_function(model_file)(), whole_model)
+    text_file = tmp_path / "notes.txt"
+    text_file.write_text("hello")
+    broken = tmp_path / "broken.py"
+    broken.write_text("def build(:\n")
+    base = [
+        "curve",
+        "--model-fn",
+        "build",
+        "--no-progress",
+        "--out",
+        str(tmp_path / "o"),
+    ]
+    cases = [
+        (["--model-file", str(text_file)], "is not a Python file"),
+        (["--model-file", str(broken)], "failed with SyntaxError"),
+        (
+            ["--model-file", str(model_file), "--weights", str(whole_model)],
+            "could not be read as tensors",
+        ),
+        (
+            ["--model-file", str(model_file), "--weights", str(text_file)],
+            "could not be read as tensors",
+        ),
+        (
+            ["--model-file", str(model_file), "--data", str(text_file)],
+            "could not be read as tensors",
+        ),
+    ]
+    for extra, fragment in cases:
+        assert main([*base, *extra]) == 1
+        error = capsys.readouterr().err
+        assert fragment in error, error
+        assert "Traceback" not in error
+
+
+def test_curve_command_imports_sibling_module(tmp_path):
+    (tmp_path / "blocks.py").write_text(
+        "from torch import nn\n\ndef head():\n    return nn.Linear(9, 3)\n"
+    )
+    (tmp_path / "my_model.py").write_text(
+        "from torch import nn\nfrom blocks import head\n\n"
+        "def build():\n    return nn.Sequential(nn.Linear(5, 9), nn.ReLU(), head())\n"
+    )
+    torch.save((torch.randn(8, 5), torch.randint(0, 3, (8,))), tmp_path / "data.pt")
+    status = main(
+        [
+            "curve",
+            "--model-file", str(tmp_path / "my_model.py"),
+            "--model-fn", "build",
+            "--data", str(tmp_path / "data.pt"),
+            "--points", "3",
+            "--orderings", "1",
+            "--no-progress",
+            "--out", str(tmp_path / "o"),
+        ]
+    )  # fmt: skip
+    assert status == 0
+    assert (tmp_path / "o" / "curve.json").exists()

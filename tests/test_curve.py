@@ -60,7 +60,7 @@ def test_curve_mean_value_by_hand():
     curve = ablation_curve(two_unit_net(), two_unit_data(), orderings=4, value="mean")
     for scores in curve.scores:
         assert scores.tolist() == [0.75, 0.75, 0.25]
-    assert curve.value == "per-unit"
+    assert curve.value == "mean"
 
 
 def naive_mlp_scores(model, inputs, targets, curve):
@@ -90,7 +90,7 @@ def test_curve_matches_naive_loop_mlp(seed):
     inputs = torch.randn(57, 6, dtype=torch.float64)
     targets = torch.randint(0, 4, (57,))
     curve = ablation_curve(
-        model, (inputs, targets), orderings=3, seed=seed, batch_size=10
+        model, (inputs, targets), orderings=3, seed=seed, chunk_size=10
     )
     assert curve.total_units == 20
     assert curve.layers == ["relu1", "relu2"]
@@ -104,7 +104,7 @@ def test_curve_matches_naive_loop_conv():
     inputs = torch.randn(23, 2, 5, 5, dtype=torch.float64)
     targets = torch.randint(0, 3, (23,))
     curve = ablation_curve(
-        model, (inputs, targets), orderings=2, points=4, batch_size=6
+        model, (inputs, targets), orderings=2, points=4, chunk_size=6
     )
     scores = np.zeros_like(curve.scores)
     with torch.no_grad():
@@ -126,9 +126,9 @@ def test_curve_same_for_every_data_form():
     model = random_mlp(seed=4)
     inputs = torch.randn(40, 6, dtype=torch.float64)
     targets = torch.randint(0, 4, (40,))
-    from_tensors = ablation_curve(model, (inputs, targets), orderings=2, batch_size=40)
+    from_tensors = ablation_curve(model, (inputs, targets), orderings=2, chunk_size=40)
     dataset = TensorDataset(inputs, targets)
-    from_dataset = ablation_curve(model, dataset, orderings=2, batch_size=3)
+    from_dataset = ablation_curve(model, dataset, orderings=2, chunk_size=3)
     from_loader = ablation_curve(model, DataLoader(dataset, batch_size=1), orderings=2)
     np.testing.assert_array_equal(from_tensors.scores, from_dataset.scores)
     np.testing.assert_array_equal(from_tensors.scores, from_loader.scores)
@@ -178,18 +178,15 @@ def test_curve_points_options():
     assert curve.num_ablated.tolist() == [0, 7, 20]
 
 
-def test_curve_points_out_of_range():
+def test_curve_points_rejected():
     message = (
         "Expected every point to be a number of ablated units from 0 to 20, but got 21."
     )
     with pytest.raises(ValueError, match=f"^{re.escape(message)}$"):
         resolve_points([0, 21], 20)
-    message = (
-        "Expected points to be an integer from 2 to 21 (the number of distinct counts of "
-        "ablated units out of 20), but got 30."
-    )
+    message = "Expected points to be an integer of at least 2, but got 1."
     with pytest.raises(ValueError, match=f"^{re.escape(message)}$"):
-        resolve_points(30, 20)
+        resolve_points(1, 20)
 
 
 def test_auc_is_trapezoid_over_fraction():
@@ -235,11 +232,11 @@ def test_curve_frame_json_and_plot(tmp_path):
     assert ax.get_xlabel() == "Number of units ablated"
 
 
-def test_curve_batch_size_does_not_change_accuracy():
+def test_curve_chunk_size_keeps_accuracy():
     model = random_mlp(seed=7)
     data = (torch.randn(37, 6, dtype=torch.float64), torch.randint(0, 4, (37,)))
     curves = [
-        ablation_curve(model, data, orderings=2, batch_size=size) for size in (1, 5, 37)
+        ablation_curve(model, data, orderings=2, chunk_size=size) for size in (1, 5, 37)
     ]
     for curve in curves[1:]:
         np.testing.assert_array_equal(curve.scores, curves[0].scores)
@@ -249,7 +246,7 @@ def test_curve_top_k_monotone():
     model = random_mlp(widths=(6, 9, 8), classes=6, seed=8)
     data = (torch.randn(45, 6, dtype=torch.float64), torch.randint(0, 6, (45,)))
     scores = [
-        ablation_curve(model, data, orderings=2, metric=f"top{k}", batch_size=4).scores
+        ablation_curve(model, data, orderings=2, metric=f"top{k}", chunk_size=4).scores
         for k in (1, 2, 3, 6)
     ]
     for lower, higher in itertools.pairwise(scores):
@@ -267,9 +264,9 @@ def test_curve_callable_metric():
     def batch_mean(logits, targets):
         return (logits.argmax(1) == targets).double().mean()
 
-    reference = ablation_curve(model, data, orderings=2, batch_size=3)
+    reference = ablation_curve(model, data, orderings=2, chunk_size=3)
     for metric in (per_example, batch_mean):
-        curve = ablation_curve(model, data, orderings=2, metric=metric, batch_size=3)
+        curve = ablation_curve(model, data, orderings=2, metric=metric, chunk_size=3)
         np.testing.assert_allclose(curve.scores, reference.scores, rtol=0, atol=1e-15)
     assert curve.metric == "batch_mean"
 
@@ -342,7 +339,8 @@ def test_curve_dict_output_without_logits_fn():
     message = (
         "The model returned a dict, not a tensor, so the logits cannot be found. Pass "
         "logits_fn, a function that takes the model output and returns the logits, for "
-        "example logits_fn=lambda output: output['logits']."
+        "example logits_fn=lambda output: output['logits'] or logits_fn=lambda output: "
+        "output[0]."
     )
     with pytest.raises(TypeError, match=f"^{re.escape(message)}$"):
         ablation_curve(model, two_unit_data(), orderings=1)
@@ -419,7 +417,7 @@ def test_curve_failure_keeps_completed_orderings():
     model = FailsLater()
     before = snapshot(model)
     with pytest.raises(RuntimeError, match="^device lost$") as caught:
-        ablation_curve(model, two_unit_data(), orderings=5)
+        ablation_curve(model, two_unit_data(), orderings=5, engine="naive")
     partial = caught.value.partial_curve
     assert partial.num_orderings == 2
     assert partial.scores[:, 0].tolist() == [0.75, 0.75]
@@ -504,3 +502,66 @@ def test_curve_unknown_metric():
     )
     with pytest.raises(ValueError, match=f"^{re.escape(message)}$"):
         ablation_curve(two_unit_net(), two_unit_data(), metric="top0")
+
+
+def test_curve_dataset_leaves_global_rng():
+    model = random_mlp()
+    inputs = torch.randn(12, 6, dtype=torch.float64)
+    targets = torch.randint(0, 4, (12,))
+    dataset = TensorDataset(inputs, targets)
+    for data in (dataset, DataLoader(dataset, batch_size=5, shuffle=True)):
+        state = torch.get_rng_state()
+        ablation_curve(model, data, orderings=2, points=3)
+        assert torch.equal(torch.get_rng_state(), state)
+
+
+def test_curve_keyboard_interrupt_keeps_partial():
+    class Interrupted(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.net = two_unit_net()
+            self.calls = 0
+
+        def forward(self, x):
+            self.calls += 1
+            if self.calls > 5:
+                raise KeyboardInterrupt
+            return self.net(x)
+
+    model = Interrupted()
+    before = snapshot(model)
+    with pytest.raises(KeyboardInterrupt) as caught:
+        ablation_curve(model, two_unit_data(), orderings=5, engine="naive")
+    assert caught.value.partial_curve.num_orderings == 2
+    assert_unchanged(model, before)
+
+
+def test_curve_more_points_than_units():
+    curve = ablation_curve(two_unit_net(), two_unit_data(), orderings=1, points=51)
+    assert curve.num_ablated.tolist() == [0, 1, 2]
+
+
+def test_relative_auc_nan_when_unablated_zero():
+    inputs, _ = two_unit_data()
+    wrong = torch.tensor([1, 0, 1, 0])
+    curve = ablation_curve(two_unit_net(), (inputs, wrong), orderings=1)
+    assert curve.unablated_score == 0.0
+    assert math.isnan(curve.relative_auc)
+
+
+def test_curve_skips_output_activation():
+    model = nn.Sequential(nn.Linear(4, 5), nn.ReLU(), nn.Linear(5, 3), nn.Sigmoid())
+    curve = ablation_curve(
+        model, (torch.randn(6, 4), torch.zeros(6).long()), orderings=1
+    )
+    assert curve.layers == ["1"]
+
+
+def test_top_k_ties_never_below_top1():
+    # With every hidden unit ablated and no output bias, all logits tie at zero.
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 10, bias=False))
+    data = (torch.randn(20, 4), torch.randint(0, 10, (20,)))
+    top1 = ablation_curve(model, data, orderings=1, points=2).scores[0, -1]
+    for k in (2, 5):
+        topk = ablation_curve(model, data, orderings=1, points=2, metric=f"top{k}")
+        assert topk.scores[0, -1] >= top1

@@ -142,3 +142,22 @@ def test_unknown_dataset():
     message = "Unknown dataset 'cifar'. Choose one of: mnist-subset, digits."
     with pytest.raises(ValueError, match=f"^{re.escape(message)}$"):
         load_split("cifar")
+
+
+def test_corrupt_labels_rounding_float_error():
+    # 0.29 * 50 is 14.499999999999998 in floating point.
+    _, mask = corrupt_labels(np.arange(50), 0.29, seed=0)
+    assert mask.sum() == 15
+
+
+def test_iter_batches_loader_without_batch_size():
+    loader = DataLoader(
+        TensorDataset(torch.zeros(3, 2), torch.zeros(3, dtype=torch.long)),
+        batch_size=None,
+    )
+    message = (
+        "Expected batches of targets with a batch dimension, but got a single target. "
+        "Give the DataLoader a batch_size, not batch_size=None."
+    )
+    with pytest.raises(ValueError, match=f"^{re.escape(message)}$"):
+        list(iter_batches(loader))

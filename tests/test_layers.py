@@ -36,7 +36,7 @@ def test_find_layers_any_named_module():
 
 
 def test_find_layers_unit_dim_for_sequences():
-    model = nn.Sequential(nn.Linear(4, 6), nn.GELU())
+    model = nn.Sequential(nn.Linear(4, 6), nn.GELU(), nn.Linear(6, 2))
     found = find_layers(model, torch.zeros(2, 9, 4), unit_dim=2)
     assert found[0].name == "1"
     assert found[0].num_units == 6

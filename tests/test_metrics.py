@@ -84,3 +84,25 @@ def test_float_targets_rejected():
         ValueError, match=f"^{message.replace('(', '[(]').replace(')', '[)]')}$"
     ):
         topk_correct(torch.zeros(2, 3), torch.zeros(2), k=1)
+
+
+def test_topk_ties_follow_argmax():
+    logits = torch.zeros(6, 10)
+    targets = torch.tensor([0, 1, 2, 3, 9, 0])
+    assert topk_correct(logits, targets, 1).tolist() == [
+        True,
+        False,
+        False,
+        False,
+        False,
+        True,
+    ]
+    assert topk_correct(logits, targets, 3).tolist() == [
+        True,
+        True,
+        True,
+        False,
+        False,
+        True,
+    ]
+    assert torch.equal(topk_correct(logits, targets, 1), logits.argmax(1) == targets)

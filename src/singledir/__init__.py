@@ -11,6 +11,7 @@ from singledir.ablation import ablate
 from singledir.curve import ablation_curve
 from singledir.curve_result import AblationCurve, normalized_auc
 from singledir.data import corrupt_labels
+from singledir.importance import unit_importance
 from singledir.layers import ACTIVATION_TYPES, LayerInfo, find_layers, unit_name
 from singledir.means import unit_means
 from singledir.training import TrainConfig, train
@@ -29,6 +30,7 @@ __all__ = [
     "models",
     "normalized_auc",
     "train",
+    "unit_importance",
     "unit_means",
     "unit_name",
 ]

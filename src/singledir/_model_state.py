@@ -42,6 +42,17 @@ def registered_hooks() -> Iterator[list[RemovableHandle]]:
             handle.remove()
 
 
+@contextmanager
+def preserved_rng() -> Iterator[None]:
+    """Restore the global CPU random state on exit.
+
+    Iterating a DataLoader draws its base seed from the global generator, so without
+    this a measurement would shift the random numbers of the caller's later code.
+    """
+    with torch.random.fork_rng(devices=[]):
+        yield
+
+
 def model_device(model: nn.Module) -> torch.device:
     """Return the device of the model's first parameter or buffer, or the CPU."""
     for tensor in model.parameters():

@@ -27,6 +27,17 @@ def select_output(output: Any, key: OutputKey | None, layer: str) -> Tensor:
             f"units cannot be found. Pass output_keys={{'{layer}': KEY}}, where KEY is "
             "the index or dict key of the element that contains the units."
         )
+    if isinstance(output, Tensor):
+        raise TypeError(
+            f"output_keys['{layer}'] is {key!r}, but the layer returned a tensor, not a "
+            f"container. Remove '{layer}' from output_keys."
+        )
+    if (
+        isinstance(output, tuple)
+        and hasattr(output, "_fields")
+        and isinstance(key, str)
+    ):
+        output = output._asdict()
     try:
         selected = output[key]
     except (KeyError, IndexError, TypeError) as error:
@@ -48,6 +59,12 @@ def replace_output(output: Any, key: OutputKey | None, new: Tensor) -> Any:
     """Return ``output`` with the unit tensor swapped for ``new``, as a new container."""
     if key is None:
         return new
+    if (
+        isinstance(output, tuple)
+        and hasattr(output, "_fields")
+        and isinstance(key, str)
+    ):
+        return output._replace(**{key: new})
     if isinstance(output, tuple):
         items = list(output)
         items[key] = new
@@ -79,7 +96,8 @@ def extract_logits(output: Any, logits_fn: Callable[[Any], Tensor] | None) -> Te
     raise TypeError(
         f"The model returned a {type(output).__name__}, not a tensor, so the logits "
         "cannot be found. Pass logits_fn, a function that takes the model output and "
-        "returns the logits, for example logits_fn=lambda output: output['logits']."
+        "returns the logits, for example logits_fn=lambda output: output['logits'] or "
+        "logits_fn=lambda output: output[0]."
     )
 
 

@@ -10,6 +10,7 @@ tensor and never write into the layer's output, so an in-place activation such a
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import Any
@@ -28,8 +29,21 @@ UnitSpec = Mapping[str, Sequence[int] | Tensor | np.ndarray]
 AblationValue = float | Mapping[str, Tensor | Sequence[float] | np.ndarray]
 
 
+def _to_numpy(values: Any) -> np.ndarray:
+    if isinstance(values, Tensor):
+        return values.detach().cpu().numpy()
+    return np.asarray(values)
+
+
 def _as_index_tensor(layer: str, indices: Any) -> Tensor:
-    tensor = torch.as_tensor(np.asarray(indices, dtype=np.int64).reshape(-1))
+    array = _to_numpy(indices).reshape(-1)
+    if array.size and not np.issubdtype(array.dtype, np.integer):
+        raise TypeError(
+            f"Expected integer unit indices for layer '{layer}', but got dtype "
+            f"{array.dtype}. Pass indices such as [0, 5]; turn a boolean mask into "
+            "indices with mask.nonzero()."
+        )
+    tensor = torch.as_tensor(array.astype(np.int64))
     if tensor.numel() and int(tensor.min()) < 0:
         raise ValueError(
             f"Unit indices for layer '{layer}' must be non-negative, but got "
@@ -39,7 +53,7 @@ def _as_index_tensor(layer: str, indices: Any) -> Tensor:
 
 
 def _as_value_vector(layer: str, values: Any) -> Tensor:
-    vector = torch.as_tensor(np.asarray(values, dtype=np.float64)).reshape(-1)
+    vector = torch.as_tensor(_to_numpy(values).astype(np.float64)).reshape(-1)
     if not torch.isfinite(vector).all():
         raise ValueError(
             f"Ablation values for layer '{layer}' contain NaN or infinity. Pass finite "
@@ -51,9 +65,14 @@ def _as_value_vector(layer: str, values: Any) -> Tensor:
 class UnitClamp:
     """Forward hooks that clamp a changeable set of units of several layers.
 
-    This is the mechanism behind ``ablate``. Curves reuse one instance and change its
-    units between evaluations, so the hooks are registered once per curve instead of
-    once per point. Call ``attach`` inside ``registered_hooks`` so the hooks are removed.
+    This is the mechanism behind ``ablate`` and every curve engine. Curves reuse one
+    instance and change its units between evaluations, so the hooks are registered once
+    per curve instead of once per point. Call ``attach`` inside ``registered_hooks`` so
+    the hooks are removed.
+
+    ``set_groups`` takes several unit sets at once for a batch made of that many
+    replicas of the same examples, stacked along dimension 0. Replica r is then clamped
+    with set r, which lets one forward pass score several points of a curve.
     """
 
     def __init__(
@@ -67,9 +86,8 @@ class UnitClamp:
         self.layers = list(layers)
         self.unit_dim = unit_dim
         self.output_keys = dict(output_keys or {})
-        self._indices: dict[str, Tensor] = {
-            name: torch.empty(0, dtype=torch.long) for name in self.layers
-        }
+        empty = torch.empty(0, dtype=torch.long)
+        self._groups: list[dict[str, Tensor]] = [{name: empty for name in self.layers}]
         self._masks: dict[str, Tensor | None] = {name: None for name in self.layers}
         self._scalar: float | None = None
         self._vectors: dict[str, Tensor] = {}
@@ -84,7 +102,9 @@ class UnitClamp:
                 name: _as_value_vector(name, value[name]) for name in self.layers
             }
         else:
-            if isinstance(value, bool) or not isinstance(value, (int, float)):
+            if isinstance(value, Tensor) and value.numel() == 1:
+                value = float(value.item())
+            if isinstance(value, bool) or not isinstance(value, numbers.Real):
                 raise TypeError(
                     f"Expected value to be a float or a mapping from layer name to "
                     f"per-unit values, but got {type(value).__name__}."
@@ -93,16 +113,33 @@ class UnitClamp:
                 raise ValueError(f"Expected a finite ablation value, but got {value}.")
             self._scalar = float(value)
 
+    @property
+    def num_groups(self) -> int:
+        return len(self._groups)
+
     def set_units(self, units: UnitSpec) -> None:
         """Replace the ablated units: ``units`` maps layer names to unit indices."""
-        unknown = [name for name in units if name not in self._indices]
-        if unknown:
-            raise ValueError(
-                f"Layers {unknown} are not among the hooked layers {self.layers}."
+        self.set_groups([units])
+
+    def set_groups(self, groups: Sequence[UnitSpec]) -> None:
+        """Clamp replica r of every batch with ``groups[r]``, a map of layer to indices."""
+        if not groups:
+            raise ValueError("Expected at least one group of units, but got none.")
+        parsed = []
+        for units in groups:
+            unknown = [name for name in units if name not in self._masks]
+            if unknown:
+                raise ValueError(
+                    f"Layers {unknown} are not among the hooked layers {self.layers}."
+                )
+            parsed.append(
+                {
+                    name: _as_index_tensor(name, units.get(name, []))
+                    for name in self.layers
+                }
             )
-        for name in self.layers:
-            self._indices[name] = _as_index_tensor(name, units.get(name, []))
-            self._masks[name] = None
+        self._groups = parsed
+        self._masks = {name: None for name in self.layers}
 
     def attach(self, model: nn.Module, handles: list) -> None:
         """Register one forward hook per layer on ``model``, appending the handles."""
@@ -110,53 +147,83 @@ class UnitClamp:
         for name in self.layers:
             handles.append(modules[name].register_forward_hook(self._make_hook(name)))
 
+    def is_active(self, name: str) -> bool:
+        """Whether any group ablates a unit of layer ``name``."""
+        return any(group[name].numel() for group in self._groups)
+
     def _mask(self, name: str, units: Tensor) -> Tensor:
-        num_units = units.shape[self.unit_dim]
+        """Return the (groups, num_units) boolean mask of layer ``name``."""
+        num_units = units.shape[self.unit_dim % units.dim()]
         mask = self._masks[name]
-        if mask is None or mask.shape[0] != num_units or mask.device != units.device:
-            indices = self._indices[name]
-            if indices.numel() and int(indices.max()) >= num_units:
-                raise IndexError(
-                    f"Unit index {int(indices.max())} is out of range for layer "
-                    f"'{name}', which has {num_units} units. Pass indices from 0 to "
-                    f"{num_units - 1}."
-                )
-            mask = torch.zeros(num_units, dtype=torch.bool)
-            mask[indices] = True
+        if mask is None or mask.shape[1] != num_units or mask.device != units.device:
+            mask = torch.zeros(len(self._groups), num_units, dtype=torch.bool)
+            for row, group in enumerate(self._groups):
+                indices = group[name]
+                if indices.numel() and int(indices.max()) >= num_units:
+                    raise IndexError(
+                        f"Unit index {int(indices.max())} is out of range for layer "
+                        f"'{name}', which has {num_units} units. Pass indices from 0 to "
+                        f"{num_units - 1}."
+                    )
+                mask[row, indices] = True
             mask = mask.to(units.device)
             self._masks[name] = mask
         return mask
 
-    def _fill(self, name: str, units: Tensor) -> Tensor | float:
+    def fill_values(self, name: str, num_units: int, like: Tensor) -> Tensor:
+        """Return the ablation value of every unit of ``name``, shape (num_units,)."""
         if self._scalar is not None:
-            return self._scalar
+            return torch.full(
+                (num_units,), self._scalar, dtype=like.dtype, device=like.device
+            )
         vector = self._vectors[name]
-        num_units = units.shape[self.unit_dim]
         if vector.shape[0] != num_units:
             raise ValueError(
                 f"Layer '{name}' has {num_units} units, but {vector.shape[0]} ablation "
                 "values were given for it. Pass one value per unit."
             )
-        return self._broadcast(vector.to(units.device, units.dtype), units)
+        return vector.to(like.device, like.dtype)
 
-    def _broadcast(self, vector: Tensor, units: Tensor) -> Tensor:
-        shape = [1] * units.dim()
-        shape[self.unit_dim] = vector.shape[0]
-        return vector.view(shape)
+    def clamp(self, name: str, units: Tensor) -> Tensor:
+        """Return a new tensor: ``units`` with each replica's ablated units clamped."""
+        groups = len(self._groups)
+        if units.dim() < 2 or not -units.dim() <= self.unit_dim < units.dim():
+            raise ValueError(
+                f"Layer '{name}' outputs a tensor of shape {tuple(units.shape)}, which has "
+                f"no unit dimension {self.unit_dim} after the batch dimension. Pass "
+                "unit_dim, the dimension along which the units lie."
+            )
+        dim = self.unit_dim % units.dim()
+        if dim == 0:
+            raise ValueError(
+                f"unit_dim={self.unit_dim} is the batch dimension of layer '{name}'. Pass "
+                "the dimension along which the units lie, such as 1."
+            )
+        if units.shape[0] % groups:
+            raise ValueError(
+                f"A batch of {units.shape[0]} rows cannot hold {groups} equal replicas."
+            )
+        num_units = units.shape[dim]
+        grouped = units.reshape(groups, units.shape[0] // groups, *units.shape[1:])
+        shape = [1] * grouped.dim()
+        shape[0] = groups
+        shape[dim + 1] = num_units
+        mask = self._mask(name, units).view(shape)
+        fill_shape = [1] * grouped.dim()
+        fill_shape[dim + 1] = num_units
+        fill = self.fill_values(name, num_units, units).view(fill_shape)
+        # torch.where allocates a new tensor, so the layer's own output, which an
+        # in-place activation shares with its input, is never written.
+        return torch.where(mask, fill, grouped).reshape(units.shape)
 
     def _make_hook(self, name: str):
         key = self.output_keys.get(name)
 
         def hook(module: nn.Module, inputs: Any, output: Any) -> Any:
-            if self._indices[name].numel() == 0:
+            if not self.is_active(name):
                 return None
             units = select_output(output, key, name)
-            mask = self._broadcast(self._mask(name, units), units)
-            fill = self._fill(name, units)
-            fill = torch.as_tensor(fill, dtype=units.dtype, device=units.device)
-            # torch.where allocates a new tensor, so the layer's own output, which an
-            # in-place activation shares with its input, is never written.
-            return replace_output(output, key, torch.where(mask, fill, units))
+            return replace_output(output, key, self.clamp(name, units))
 
         return hook
 

@@ -15,8 +15,24 @@ from typing import Any
 logger = logging.getLogger("singledir")
 
 
+# Errors that carry a message written for the user; others also print their type.
+_EXPECTED_ERRORS = (
+    ValueError,
+    TypeError,
+    IndexError,
+    AttributeError,
+    OSError,
+    RuntimeError,
+)
+
+
 class _Parser(argparse.ArgumentParser):
     """An ArgumentParser whose error messages end with how to list the options."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        # Abbreviated options such as --fraction for --fractions are rejected.
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
 
     def error(self, message: str) -> None:  # type: ignore[override]
         self.print_usage(sys.stderr)
@@ -53,6 +69,17 @@ def _int_list(text: str) -> tuple[int, ...]:
             f"expected positive integers, but got {text!r}"
         )
     return values
+
+
+def _ablation_value(text: str) -> float | str:
+    if text == "mean":
+        return text
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected a number or 'mean', but got {text!r}"
+        ) from None
 
 
 def _positive_int(text: str) -> int:
@@ -98,13 +125,23 @@ def _add_curve_options(parser: argparse.ArgumentParser, default_points: int) -> 
 
 def build_parser() -> argparse.ArgumentParser:
     from singledir.datasets import DATASETS
+    from singledir.engines import ENGINES
 
     parser = _Parser(
         prog="singledir",
         description="Measure how much a network relies on single directions.",
     )
     parser.add_argument(
-        "-v", "--verbose", action="store_true", help="log every epoch and step"
+        "-v", "--verbose", action="store_true", help="log progress and show tracebacks"
+    )
+    # Subcommands accept -v too; SUPPRESS keeps a -v given before them.
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument(
+        "-v",
+        "--verbose",
+        action="store_true",
+        default=argparse.SUPPRESS,
+        help="log progress and show tracebacks",
     )
     commands = parser.add_subparsers(
         dest="command", required=True, parser_class=_Parser
@@ -112,6 +149,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     corrupted = commands.add_parser(
         "corrupted-labels",
+        parents=[common],
         help="train MLPs on partly shuffled labels and compare their ablation curves",
     )
     corrupted.add_argument(
@@ -169,7 +207,7 @@ def build_parser() -> argparse.ArgumentParser:
     corrupted.set_defaults(handler=_run_corrupted_labels)
 
     curve = commands.add_parser(
-        "curve", help="compute the ablation curve of your own model"
+        "curve", parents=[common], help="compute the ablation curve of your own model"
     )
     curve.add_argument(
         "--model-file",
@@ -201,6 +239,19 @@ def build_parser() -> argparse.ArgumentParser:
         help="named dataset when --data is not given (default: mnist-subset)",
     )
     curve.add_argument(
+        "--split-seed",
+        type=int,
+        default=0,
+        help="seed of the train/test split of the named dataset, as in "
+        "corrupted-labels (default: 0)",
+    )
+    curve.add_argument(
+        "--test-size",
+        type=_positive_int,
+        default=1000,
+        help="examples held out of the named dataset (default: 1000)",
+    )
+    curve.add_argument(
         "--split",
         choices=("train", "test"),
         default="train",
@@ -212,27 +263,50 @@ def build_parser() -> argparse.ArgumentParser:
         help="comma-separated layer names (default: every activation module)",
     )
     curve.add_argument(
+        "--unit-dim",
+        type=int,
+        default=1,
+        help="dimension of the layer outputs along which units lie; 2 for "
+        "(batch, sequence, features) (default: 1)",
+    )
+    curve.add_argument(
+        "--logits-key",
+        default=None,
+        help="key or integer index of the logits in a model output that is a dict, "
+        "tuple or list (default: the output is the logits)",
+    )
+    curve.add_argument(
         "--metric",
         default="accuracy",
         help="accuracy or topK, such as top5 (default: accuracy)",
     )
     curve.add_argument(
         "--value",
-        type=float,
+        type=_ablation_value,
         default=0.0,
-        help="value the ablated units are clamped to (default: 0)",
+        help="value the ablated units are clamped to, or 'mean' for each unit's mean "
+        "activation over the data (default: 0)",
     )
     curve.add_argument(
-        "--batch-size",
+        "--chunk-size",
         type=_positive_int,
-        default=256,
-        help="examples per forward pass (default: 256)",
+        default=512,
+        help="examples per forward pass; peak memory grows with it (default: 512)",
+    )
+    curve.add_argument(
+        "--engine",
+        choices=ENGINES,
+        default="auto",
+        help="how the curve is computed; every engine gives the same result (default: auto)",
     )
     _add_curve_options(curve, default_points=51)
     curve.set_defaults(handler=_run_curve)
 
-    env = commands.add_parser("env", help="print versions and hardware for bug reports")
+    env = commands.add_parser(
+        "env", parents=[common], help="print versions and hardware for bug reports"
+    )
     env.set_defaults(handler=_run_env)
+    parser.subcommands = commands.choices
     return parser
 
 
@@ -247,7 +321,7 @@ def _progress_reporter(enabled: bool) -> Any:
         bar = bars.get(fraction)
         if bar is None:
             bar = bars[fraction] = tqdm(
-                desc=f"corruption {fraction:.1f}", unit="epoch", leave=False
+                desc=f"corruption {fraction:g}", unit="epoch", leave=False
             )
         bar.update(1)
         bar.set_postfix(
@@ -281,7 +355,12 @@ def _run_corrupted_labels(args: argparse.Namespace) -> int:
     )
     rho, p_value = result.spearman()
     print(result.summary().to_string(index=False, float_format=lambda x: f"{x:.4f}"))
-    print(f"Spearman correlation of corruption with AUC: {rho:.3f} (p = {p_value:.3g})")
+    if len(config.fractions) >= 3:
+        print(
+            f"Spearman correlation of corruption with AUC: {rho:.3f} (p = {p_value:.3g})"
+        )
+    else:
+        print("Spearman correlation of corruption with AUC: needs at least 3 fractions")
     print(f"Wrote {args.out} in {time.perf_counter() - started:.1f} s")
     return 0
 
@@ -292,8 +371,23 @@ def _load_model(path: Path, function_name: str) -> Any:
             f"Model file {str(path)!r} does not exist. Pass the path of a Python file."
         )
     spec = importlib.util.spec_from_file_location("singledir_user_model", path)
+    if spec is None or spec.loader is None or path.suffix != ".py":
+        raise ValueError(
+            f"Model file {str(path)!r} is not a Python file. Pass a .py file that "
+            "defines the model-building function."
+        )
     module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    # The file's own folder goes on sys.path, so it can import modules next to it.
+    sys.path.insert(0, str(path.resolve().parent))
+    try:
+        spec.loader.exec_module(module)
+    except Exception as error:
+        raise RuntimeError(
+            f"Importing model file {str(path)!r} failed with {type(error).__name__}: "
+            f"{error}"
+        ) from error
+    finally:
+        sys.path.remove(str(path.resolve().parent))
     build = getattr(module, function_name, None)
     if build is None or not callable(build):
         functions = sorted(
@@ -316,20 +410,43 @@ def _missing_function_error(
     )
 
 
-def _load_weights(model: Any, path: Path) -> None:
+def _load_tensors(path: Path, what: str, expected: str) -> Any:
+    import pickle
+
     import torch
 
     if not path.is_file():
-        raise FileNotFoundError(
-            f"Weights file {str(path)!r} does not exist. Pass a file saved with torch.save(model.state_dict(), PATH)."
-        )
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    if (
-        isinstance(state, dict)
-        and "state_dict" in state
-        and isinstance(state["state_dict"], dict)
-    ):
+        raise FileNotFoundError(f"{what} file {str(path)!r} does not exist. {expected}")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    # torch.load raises many types on a file that is not a tensor archive.
+    except (
+        pickle.UnpicklingError,
+        RuntimeError,
+        EOFError,
+        KeyError,
+        ValueError,
+    ) as error:
+        first_line = str(error).strip().splitlines()[0] if str(error).strip() else ""
+        raise ValueError(
+            f"{what} file {str(path)!r} could not be read as tensors ({first_line}). "
+            f"{expected}"
+        ) from error
+
+
+def _load_weights(model: Any, path: Path) -> None:
+    state = _load_tensors(
+        path,
+        "Weights",
+        "Save the weights with torch.save(model.state_dict(), PATH), not the model.",
+    )
+    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
         state = state["state_dict"]
+    if not isinstance(state, dict):
+        raise TypeError(
+            f"Weights file {str(path)!r} contains a {type(state).__name__}, not a "
+            "state_dict. Save it with torch.save(model.state_dict(), PATH)."
+        )
     model.load_state_dict(state)
 
 
@@ -337,19 +454,21 @@ def _load_curve_data(args: argparse.Namespace) -> tuple[Any, str]:
     import torch
 
     if args.data is not None:
-        if not args.data.is_file():
-            raise FileNotFoundError(
-                f"Data file {str(args.data)!r} does not exist. Save one with torch.save((inputs, targets), PATH)."
-            )
-        data = torch.load(args.data, map_location="cpu", weights_only=True)
-        if not isinstance(data, (tuple, list)) or len(data) != 2:
+        expected = "Save the data with torch.save((inputs, targets), PATH)."
+        data = _load_tensors(args.data, "Data", expected)
+        if (
+            not isinstance(data, (tuple, list))
+            or len(data) != 2
+            or not all(isinstance(item, torch.Tensor) for item in data)
+        ):
             raise ValueError(
-                f"Data file {str(args.data)!r} must contain an (inputs, targets) pair of tensors, but contains a {type(data).__name__}."
+                f"Data file {str(args.data)!r} must contain an (inputs, targets) pair of "
+                f"tensors, but contains a {type(data).__name__}. {expected}"
             )
         return tuple(data), str(args.data)
     from singledir.datasets import load_split
 
-    split = load_split(args.dataset, seed=args.seed)
+    split = load_split(args.dataset, test_size=args.test_size, seed=args.split_seed)
     if args.split == "train":
         return (split.train_inputs, split.train_targets), f"{args.dataset}:train"
     return (split.test_inputs, split.test_targets), f"{args.dataset}:test"
@@ -357,16 +476,36 @@ def _load_curve_data(args: argparse.Namespace) -> tuple[Any, str]:
 
 def _run_curve(args: argparse.Namespace) -> int:
     import pandas as pd
+    import torch
 
     from singledir.curve import ablation_curve
     from singledir.experiments._files import save_figure, write_csv, write_json
     from singledir.provenance import environment_info
 
     started = time.perf_counter()
-    model = _load_model(args.model_file, args.model_fn)
+    out: Path = args.out
+    out.mkdir(parents=True, exist_ok=True)
+    # Seeded so that a model measured without --weights starts from the same weights.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(args.seed)
+        model = _load_model(args.model_file, args.model_fn)
+    if not isinstance(model, torch.nn.Module):
+        raise TypeError(
+            f"--model-fn {args.model_fn!r} returned a {type(model).__name__}, not an "
+            "nn.Module. Make it return the model."
+        )
     if args.weights is not None:
         _load_weights(model, args.weights)
     data, data_name = _load_curve_data(args)
+    logits_fn = None
+    if args.logits_key is not None:
+        key: int | str = (
+            int(args.logits_key) if args.logits_key.isdigit() else args.logits_key
+        )
+
+        def logits_fn(output: Any) -> Any:
+            return output[key]
+
     layers = [name.strip() for name in args.layers.split(",")] if args.layers else None
     curve = ablation_curve(
         model,
@@ -377,11 +516,15 @@ def _run_curve(args: argparse.Namespace) -> int:
         value=args.value,
         metric=args.metric,
         points=args.points,
-        batch_size=args.batch_size,
+        engine=args.engine,
+        chunk_size=args.chunk_size,
+        unit_dim=args.unit_dim,
+        logits_fn=logits_fn,
         progress=args.progress,
     )
-    out: Path = args.out
-    out.mkdir(parents=True, exist_ok=True)
+    # The curve is written first, so a failure below cannot lose it.
+    curve.save(out / "curve.json")
+    write_csv(out / "curves.csv", curve.to_frame())
     summary = pd.DataFrame(
         [
             {
@@ -394,15 +537,15 @@ def _run_curve(args: argparse.Namespace) -> int:
         ]
     )
     write_csv(out / "summary.csv", summary)
-    write_csv(out / "curves.csv", curve.to_frame())
-    curve.save(out / "curve.json")
     import matplotlib
 
     matplotlib.use("Agg")
     ax = curve.plot()
     ax.set_title(f"Cumulative ablation of {', '.join(curve.layers)}")
     save_figure(ax.figure, out / "figure.png")
-    config = {key: value for key, value in vars(args).items() if key != "handler"}
+    config = {name: item for name, item in vars(args).items() if name != "handler"}
+    if args.data is not None:
+        config["dataset"] = None
     write_json(
         out / "run.json",
         {
@@ -430,22 +573,26 @@ def _run_env(args: argparse.Namespace) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line and return its exit status."""
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        # Reported by the subcommand's parser, whose help lists the options it takes.
+        parser.subcommands[args.command].error(
+            f"unrecognized arguments: {' '.join(extra)}"
+        )
     logging.basicConfig(
         level=logging.INFO if args.verbose else logging.WARNING,
         format="%(levelname)s %(name)s: %(message)s",
     )
     try:
         return args.handler(args)
-    except (
-        ValueError,
-        TypeError,
-        IndexError,
-        AttributeError,
-        OSError,
-        RuntimeError,
-    ) as error:
-        print(f"singledir {args.command}: error: {error}", file=sys.stderr)
+    except Exception as error:
+        if args.verbose:
+            raise
+        expected = isinstance(error, _EXPECTED_ERRORS)
+        detail = str(error) if expected else f"{type(error).__name__}: {error}"
+        print(f"singledir {args.command}: error: {detail}", file=sys.stderr)
+        if not expected:
+            print("Run with --verbose for the traceback.", file=sys.stderr)
         return 1
 
 

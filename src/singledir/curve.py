@@ -22,12 +22,18 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from singledir._model_state import model_device, preserved_mode, registered_hooks
+from singledir._model_state import (
+    model_device,
+    preserved_mode,
+    preserved_rng,
+    registered_hooks,
+)
 from singledir._outputs import OutputKey
 from singledir.ablation import AblationValue, UnitClamp
 from singledir.curve_result import AblationCurve
-from singledir.data import DataSource, iter_batches
-from singledir.evaluation import _to_device, score_batches
+from singledir.data import DataSource, iter_batches, warn_about_loader
+from singledir.engines import ENGINES, Engine, Measurement, build_engine
+from singledir.evaluation import to_device
 from singledir.layers import LayerInfo, find_layers, validate_layer_names
 from singledir.means import unit_means
 from singledir.metrics import MetricSpec, resolve_metric
@@ -47,11 +53,19 @@ def resolve_points(points: int | Sequence[int] | None, total: int) -> np.ndarray
     if points is None:
         return np.arange(total + 1, dtype=np.int64)
     if isinstance(points, (int, np.integer)) and not isinstance(points, bool):
-        if not 2 <= points <= total + 1:
+        if points < 2:
             raise ValueError(
-                f"Expected points to be an integer from 2 to {total + 1} (the number of "
-                f"distinct counts of ablated units out of {total}), but got {points}."
+                f"Expected points to be an integer of at least 2, but got {points}."
             )
+        if points > total + 1:
+            logger.warning(
+                "points=%d is more than the %d distinct numbers of ablated units (0 to %d), "
+                "so every number is evaluated.",
+                points,
+                total + 1,
+                total,
+            )
+            return np.arange(total + 1, dtype=np.int64)
         return np.unique(np.round(np.linspace(0, total, int(points))).astype(np.int64))
     array = np.asarray(points)
     if array.ndim != 1 or array.size == 0 or not np.issubdtype(array.dtype, np.integer):
@@ -76,19 +90,6 @@ def draw_orders(total: int, orderings: int, seed: int) -> np.ndarray:
     generator = torch.Generator(device="cpu").manual_seed(int(seed))
     rows = [torch.randperm(total, generator=generator) for _ in range(orderings)]
     return torch.stack(rows).numpy() if rows else np.empty((0, total), dtype=np.int64)
-
-
-def split_pooled(
-    order_prefix: np.ndarray, layers: Sequence[LayerInfo]
-) -> dict[str, np.ndarray]:
-    """Map pooled unit indices back to per-layer unit indices."""
-    offsets = np.cumsum([0] + [layer.num_units for layer in layers])
-    units = {}
-    for position, layer in enumerate(layers):
-        start, stop = offsets[position], offsets[position + 1]
-        chosen = order_prefix[(order_prefix >= start) & (order_prefix < stop)]
-        units[layer.name] = np.sort(chosen - start)
-    return units
 
 
 def _check_orderings(orderings: int) -> None:
@@ -137,6 +138,77 @@ def _resolve_layers(
     return found
 
 
+def prepare_measurement(
+    model: nn.Module,
+    data: DataSource,
+    layers: Sequence[str] | None,
+    value: AblationValue | str,
+    metric: MetricSpec,
+    *,
+    unit_dim: int,
+    output_keys: Mapping[str, OutputKey] | None,
+    logits_fn: Callable[[Any], Tensor] | None,
+    chunk_size: int,
+) -> tuple[Measurement, tuple[Any, int]]:
+    """Validate the arguments shared by curves and unit importance.
+
+    Returns the measurement and the first chunk of inputs, on the model's device, with
+    its number of examples.
+    """
+    scorer = resolve_metric(metric)
+    warn_about_loader(data)
+
+    def batches():
+        return iter_batches(data, chunk_size)
+
+    probe = batches()
+    first_inputs, first_targets = next(probe)
+    # Closing the generator releases a DataLoader's iterator and its workers.
+    probe.close()
+    example = to_device(first_inputs, model_device(model))
+    infos = _resolve_layers(model, example, layers, unit_dim, output_keys)
+    names = [info.name for info in infos]
+    if isinstance(value, str):
+        if value != "mean":
+            raise ValueError(
+                f"Expected value to be a float, per-unit values or 'mean', but got {value!r}."
+            )
+        value = unit_means(
+            model,
+            data,
+            names,
+            unit_dim=unit_dim,
+            output_keys=output_keys,
+            chunk_size=chunk_size,
+        )
+    clamp = UnitClamp(names, value, unit_dim=unit_dim, output_keys=output_keys)
+    measurement = Measurement(
+        model=model,
+        batches=batches,
+        layers=infos,
+        clamp=clamp,
+        metric=scorer,
+        logits_fn=logits_fn,
+        unit_dim=unit_dim,
+        output_keys=dict(output_keys or {}),
+    )
+    return measurement, (example, int(first_targets.shape[0]))
+
+
+def _warn_if_slow(engine: Engine, orderings: int, ks: np.ndarray, total: int) -> None:
+    passes = orderings * int(np.count_nonzero((ks > 0) & (ks < total))) + 2
+    if engine.name == "naive" and passes > _MANY_PASSES and ks.size > 51:
+        logger.warning(
+            "This curve needs %d full passes over the data (%d orderings x %d points) "
+            "with the naive engine. Pass points=51 for a curve that is about %d times "
+            "cheaper.",
+            passes,
+            orderings,
+            ks.size,
+            max(ks.size // 51, 1),
+        )
+
+
 def ablation_curve(
     model: nn.Module,
     data: DataSource,
@@ -147,10 +219,11 @@ def ablation_curve(
     metric: MetricSpec = "accuracy",
     points: int | Sequence[int] | None = None,
     *,
+    engine: str = "auto",
+    chunk_size: int = 512,
     unit_dim: int = 1,
     output_keys: Mapping[str, OutputKey] | None = None,
     logits_fn: Callable[[Any], Tensor] | None = None,
-    batch_size: int = 256,
     progress: bool = False,
 ) -> AblationCurve:
     """Compute a cumulative ablation curve of ``model`` on ``data``.
@@ -159,7 +232,7 @@ def ablation_curve(
     permutations the first k units are ablated for every k in ``points``. Every point is
     scored over the whole of ``data`` in eval mode without gradients, as total score
     over total examples. The model's hooks, train/eval mode and weights are as before
-    when this returns or raises.
+    when this returns or raises. The curve runs on the model's device.
 
     Args:
         model: Any ``nn.Module`` that maps a batch of inputs to logits (or to an output
@@ -178,12 +251,17 @@ def ablation_curve(
         points: Numbers of ablated units to evaluate. None: every k from 0 to the
             total. An integer n: n evenly spaced k including both ends. A sequence:
             those k.
+        engine: "naive" (a full forward pass per point), "prefix" (cache the network
+            up to the first ablated layer), "incremental" (also update the next Linear
+            or Conv layer one unit at a time), or "auto" (default): the fastest that
+            applies and matches "naive" on the first chunk.
+        chunk_size: Examples per forward pass when ``data`` is not a DataLoader; a
+            DataLoader's own batches are the chunks. Peak memory grows with it.
         unit_dim: Dimension of the layer outputs along which units lie. Default 1.
         output_keys: For layers that return a tuple, list or dict, the index or key of
             the element that contains the units.
         logits_fn: Function from the model's output to the logits, for models that do
             not return a tensor.
-        batch_size: Examples per forward pass when ``data`` is not a DataLoader.
         progress: Show a tqdm progress bar over orderings.
 
     Returns:
@@ -203,57 +281,85 @@ def ablation_curve(
         >>> curve.auc, curve.relative_auc
     """
     _check_orderings(orderings)
-    scorer = resolve_metric(metric)
-    batches = lambda: iter_batches(data, batch_size)
-    first_inputs, _ = next(batches())
-    example = _to_device(first_inputs, model_device(model))
-    infos = _resolve_layers(model, example, layers, unit_dim, output_keys)
-    names = [info.name for info in infos]
-    total = sum(info.num_units for info in infos)
-    ks = resolve_points(points, total)
-
-    if isinstance(value, str):
-        if value != "mean":
-            raise ValueError(
-                f"Expected value to be a float, per-unit values or 'mean', but got {value!r}."
-            )
-        value = unit_means(
+    if engine not in ENGINES:
+        raise ValueError(
+            f"Unknown engine {engine!r}. Choose one of: {', '.join(ENGINES)}."
+        )
+    with preserved_rng():
+        return _ablation_curve(
             model,
             data,
-            names,
+            layers,
+            orderings,
+            seed,
+            value,
+            metric,
+            points,
+            engine=engine,
+            chunk_size=chunk_size,
             unit_dim=unit_dim,
             output_keys=output_keys,
-            batch_size=batch_size,
+            logits_fn=logits_fn,
+            progress=progress,
         )
-    clamp = UnitClamp(names, value, unit_dim=unit_dim, output_keys=output_keys)
-    passes = orderings * int(np.count_nonzero((ks > 0) & (ks < total))) + 2
-    if passes > _MANY_PASSES:
-        logger.warning(
-            "This curve needs %d full passes over the data (%d orderings x %d points). "
-            "Pass points=51 for a curve that is about %d times cheaper.",
-            passes,
-            orderings,
-            ks.size,
-            max(ks.size // 51, 1),
-        )
-    orders = draw_orders(total, orderings, seed)
-    value_label: float | str = value if isinstance(value, (int, float)) else "per-unit"
 
-    def make_curve(scores: list[list[float]]) -> AblationCurve:
+
+def _ablation_curve(
+    model: nn.Module,
+    data: DataSource,
+    layers: Sequence[str] | None,
+    orderings: int,
+    seed: int,
+    value: AblationValue | str,
+    metric: MetricSpec,
+    points: int | Sequence[int] | None,
+    *,
+    engine: str,
+    chunk_size: int,
+    unit_dim: int,
+    output_keys: Mapping[str, OutputKey] | None,
+    logits_fn: Callable[[Any], Tensor] | None,
+    progress: bool,
+) -> AblationCurve:
+    measurement, (example, example_size) = prepare_measurement(
+        model,
+        data,
+        layers,
+        value,
+        metric,
+        unit_dim=unit_dim,
+        output_keys=output_keys,
+        logits_fn=logits_fn,
+        chunk_size=chunk_size,
+    )
+    infos = measurement.layers
+    total = measurement.total_units
+    ks = resolve_points(points, total)
+    orders = draw_orders(total, orderings, seed)
+    value_label: float | str = (
+        value if isinstance(value, (int, float, str)) else "per-unit"
+    )
+    used_engine = engine
+
+    def make_curve(scores: list[np.ndarray]) -> AblationCurve:
         return AblationCurve(
             num_ablated=ks,
             scores=np.asarray(scores, dtype=np.float64).reshape(len(scores), ks.size),
             total_units=total,
-            layers=names,
+            layers=[info.name for info in infos],
             layer_sizes=[info.num_units for info in infos],
             orders=orders[: len(scores)],
-            metric=scorer.name,
+            metric=measurement.metric.name,
             seed=int(seed),
             value=value_label,
-            config={"unit_dim": unit_dim, "batch_size": batch_size},
+            config={
+                "unit_dim": unit_dim,
+                "chunk_size": chunk_size,
+                "engine": used_engine,
+            },
         )
 
-    completed: list[list[float]] = []
+    completed: list[np.ndarray] = []
     # k = 0 and k = total ablate the same units in every ordering, so they are scored once.
     shared: dict[int, float] = {}
     try:
@@ -262,30 +368,27 @@ def ablation_curve(
             registered_hooks() as handles,
             torch.no_grad(),
         ):
-            clamp.attach(model, handles)
+            measurement.clamp.attach(model, handles)
+            chosen = build_engine(engine, measurement, example, example_size)
+            used_engine = chosen.name
+            _warn_if_slow(chosen, orderings, ks, total)
             for ordering in _progress(range(orderings), progress):
-                row = []
-                for k in ks:
-                    if int(k) in shared:
-                        row.append(shared[int(k)])
-                        continue
-                    clamp.set_units(split_pooled(orders[ordering, :k], infos))
-                    context = (
-                        f"with {int(k)} of {total} units ablated (ordering {ordering})"
-                    )
-                    score = score_batches(
-                        model, batches(), scorer, logits_fn=logits_fn, context=context
-                    )
-                    if k == 0 or k == total:
-                        shared[int(k)] = score
-                    row.append(score)
-                completed.append(row)
+                needed = [int(k) for k in ks if int(k) not in shared]
+                sets = [orders[ordering, :k] for k in needed]
+                scores = chosen.score_sets(sets, context=f" (ordering {ordering})")
+                by_k = dict(zip(needed, scores.tolist()))
+                for k in (0, total):
+                    if k in by_k:
+                        shared[k] = by_k[k]
+                completed.append(
+                    np.array([shared.get(int(k), by_k.get(int(k))) for k in ks])
+                )
                 logger.debug("Ordering %d of %d done.", ordering + 1, orderings)
     except BaseException as error:
         error.partial_curve = make_curve(completed) if completed else None
         if completed:
             logger.warning(
-                "Ablation curve failed after %d of %d orderings; the completed orderings "
+                "Ablation curve failed after %d of %d orderings. The completed orderings "
                 "are attached to the exception as partial_curve.",
                 len(completed),
                 orderings,

@@ -112,8 +112,9 @@ class AblationCurve:
 
     @property
     def relative_auc(self) -> float:
-        """Normalized AUC divided by the unablated score."""
-        return self.auc / self.unablated_score
+        """Normalized AUC divided by the unablated score; NaN if that score is 0."""
+        unablated = self.unablated_score
+        return self.auc / unablated if unablated != 0 else float("nan")
 
     def to_frame(self) -> pd.DataFrame:
         """Return the curve in long format: ordering, num_ablated, fraction, score."""

@@ -60,6 +60,11 @@ def iter_batches(
         )
     count = 0
     for inputs, targets in _raw_batches(data, batch_size):
+        if targets.dim() == 0:
+            raise ValueError(
+                "Expected batches of targets with a batch dimension, but got a single "
+                "target. Give the DataLoader a batch_size, not batch_size=None."
+            )
         if isinstance(inputs, Tensor) and inputs.shape[0] != targets.shape[0]:
             raise ValueError(
                 f"Targets do not match the inputs: a batch has {inputs.shape[0]} inputs "
@@ -69,6 +74,15 @@ def iter_batches(
         yield inputs, targets
     if count == 0:
         raise ValueError("The dataset is empty. Pass data with at least one example.")
+
+
+def warn_about_loader(data: DataSource) -> None:
+    """Log a warning, once per measurement, if a DataLoader drops examples."""
+    if isinstance(data, DataLoader) and data.drop_last:
+        logger.warning(
+            "The DataLoader has drop_last=True, so the examples of its last partial "
+            "batch are left out of every score."
+        )
 
 
 def _raw_batches(data: DataSource, batch_size: int) -> Iterator[tuple[Any, Tensor]]:
@@ -86,13 +100,10 @@ def _raw_batches(data: DataSource, batch_size: int) -> Iterator[tuple[Any, Tenso
         return
     if isinstance(data, DataLoader):
         loader = data
-        if loader.drop_last:
-            logger.warning(
-                "The DataLoader has drop_last=True, so the examples of its last partial "
-                "batch are left out of every score."
-            )
     elif isinstance(data, Dataset):
-        loader = DataLoader(data, batch_size=batch_size, shuffle=False)
+        loader = DataLoader(
+            data, batch_size=batch_size, shuffle=False, generator=torch.Generator()
+        )
     else:
         raise TypeError(
             "Expected data to be a DataLoader, a Dataset or an (inputs, targets) pair of "
@@ -115,7 +126,8 @@ def _describe(batch: Any) -> str:
 
 
 def _round_half_up(value: float) -> int:
-    return int(np.floor(value + 0.5))
+    # The small margin absorbs float error such as 0.29 * 50 = 14.4999...
+    return int(np.floor(value + 0.5 + 1e-9))
 
 
 def corrupt_labels(

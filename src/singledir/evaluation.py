@@ -13,18 +13,25 @@ from singledir._outputs import call_model, extract_logits
 from singledir.metrics import Metric
 
 
-def _to_device(inputs: Any, device: torch.device) -> Any:
+def to_device(inputs: Any, device: torch.device) -> Any:
     if isinstance(inputs, Tensor):
         return inputs.to(device)
+    if isinstance(inputs, tuple) and hasattr(inputs, "_fields"):
+        return type(inputs)(*(to_device(item, device) for item in inputs))
     if isinstance(inputs, (tuple, list)):
-        return type(inputs)(_to_device(item, device) for item in inputs)
+        return type(inputs)(to_device(item, device) for item in inputs)
     if isinstance(inputs, dict):
-        return {key: _to_device(item, device) for key, item in inputs.items()}
+        return {key: to_device(item, device) for key, item in inputs.items()}
     return inputs
 
 
 def check_logits(logits: Tensor, context: str) -> None:
     """Raise ValueError if any logit is NaN, naming where it happened."""
+    if logits.dim() == 0:
+        raise ValueError(
+            f"Expected logits of shape (batch, classes), but the model returned a scalar "
+            f"{context}. Pass logits_fn to reshape the model output."
+        )
     nan_rows = torch.isnan(logits).reshape(logits.shape[0], -1).any(dim=1)
     if bool(nan_rows.any()):
         raise ValueError(
@@ -50,11 +57,9 @@ def score_batches(
     total = 0.0
     count = 0
     for inputs, targets in batches:
-        logits = extract_logits(
-            call_model(model, _to_device(inputs, device)), logits_fn
-        )
+        logits = extract_logits(call_model(model, to_device(inputs, device)), logits_fn)
         check_logits(logits, context)
-        batch_total, batch_count = metric.batch_sum(logits, targets)
+        batch_total, batch_count = metric.batch_sum(logits, targets.to(logits.device))
         total += batch_total
         count += batch_count
     return total / count

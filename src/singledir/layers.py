@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from singledir._model_state import preserved_mode, registered_hooks
+from singledir._model_state import preserved_mode, preserved_rng, registered_hooks
 from singledir._outputs import OutputKey, call_model, select_output
 
 logger = logging.getLogger(__name__)
@@ -106,6 +106,16 @@ def _format_names(names: list[str]) -> str:
     return f"{shown}, and {len(names) - _MAX_LISTED_NAMES} more"
 
 
+def _output_tensors(output: Any) -> list[torch.Tensor]:
+    if isinstance(output, torch.Tensor):
+        return [output]
+    if isinstance(output, (tuple, list)):
+        return [item for item in output if isinstance(item, torch.Tensor)]
+    if isinstance(output, Mapping):
+        return [item for item in output.values() if isinstance(item, torch.Tensor)]
+    return []
+
+
 def find_layers(
     model: nn.Module,
     example_input: Any,
@@ -124,7 +134,7 @@ def find_layers(
         example_input: One batch of inputs: a tensor, a tuple of positional arguments or
             a dict of keyword arguments. Only its shapes matter.
         layers: Module names to report. Default: every activation module listed in
-            ``ACTIVATION_TYPES``.
+            ``ACTIVATION_TYPES``, except one whose output is the model's output.
         unit_dim: Dimension of the layer output along which units lie. Default 1, the
             features of an MLP or the channels of a conv net; use 2 for
             (batch, sequence, features).
@@ -167,20 +177,36 @@ def find_layers(
                 record["calls"] += 1
                 return
             units = select_output(output, output_keys.get(name), name)
-            seen[name] = {"shape": tuple(units.shape), "calls": 1}
+            seen[name] = {"shape": tuple(units.shape), "calls": 1, "tensor": units}
 
         return hook
 
-    with preserved_mode(model, evaluate=True), registered_hooks() as handles:
+    with (
+        preserved_mode(model, evaluate=True),
+        preserved_rng(),
+        registered_hooks() as handles,
+    ):
         for name in names:
             handles.append(modules[name].register_forward_hook(make_hook(name)))
         with torch.no_grad():
-            call_model(model, example_input)
+            model_output = call_model(model, example_input)
+    outputs = _output_tensors(model_output)
 
     found = []
     for name, record in seen.items():
+        if layers is None and any(record["tensor"] is tensor for tensor in outputs):
+            # An activation whose output is the model's output (a final sigmoid, say)
+            # clamps logits, not hidden units, so it is left out by default.
+            logger.info(
+                "Leaving out layer '%s': its output is the model's output.", name
+            )
+            continue
         shape = record["shape"]
-        if not -len(shape) <= unit_dim < len(shape) or len(shape) < 2:
+        if (
+            len(shape) < 2
+            or not -len(shape) <= unit_dim < len(shape)
+            or unit_dim % len(shape) == 0
+        ):
             raise ValueError(
                 f"Layer '{name}' outputs a tensor of shape {shape}, which has no unit "
                 f"dimension {unit_dim} after the batch dimension. Pass unit_dim, the "

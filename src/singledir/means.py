@@ -13,10 +13,15 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from singledir._model_state import model_device, preserved_mode, registered_hooks
+from singledir._model_state import (
+    model_device,
+    preserved_mode,
+    preserved_rng,
+    registered_hooks,
+)
 from singledir._outputs import OutputKey, call_model, select_output
-from singledir.data import DataSource, iter_batches
-from singledir.evaluation import _to_device
+from singledir.data import DataSource, iter_batches, warn_about_loader
+from singledir.evaluation import to_device
 from singledir.layers import find_layers, validate_layer_names
 
 
@@ -33,7 +38,7 @@ def unit_means(
     *,
     unit_dim: int = 1,
     output_keys: Mapping[str, OutputKey] | None = None,
-    batch_size: int = 256,
+    chunk_size: int = 512,
 ) -> dict[str, Tensor]:
     """Compute each unit's mean activation over all of ``data``.
 
@@ -48,7 +53,7 @@ def unit_means(
         unit_dim: Dimension of the layer output along which units lie.
         output_keys: For layers that return a tuple, list or dict, the index or key of
             the element that contains the units.
-        batch_size: Examples per forward pass when ``data`` is not a DataLoader.
+        chunk_size: Examples per forward pass when ``data`` is not a DataLoader.
 
     Returns:
         Layer name to a float64 tensor of shape (num_units,) on the CPU, ready to pass
@@ -60,8 +65,21 @@ def unit_means(
         ...     logits = model(inputs)
     """
     output_keys = dict(output_keys or {})
+    with preserved_rng():
+        return _unit_means(model, data, layers, unit_dim, output_keys, chunk_size)
+
+
+def _unit_means(
+    model: nn.Module,
+    data: DataSource,
+    layers: Sequence[str] | None,
+    unit_dim: int,
+    output_keys: dict[str, OutputKey],
+    chunk_size: int,
+) -> dict[str, Tensor]:
     sums: dict[str, Tensor] = {}
     counts: dict[str, int] = {}
+    calls: dict[str, int] = {}
 
     def make_hook(name: str):
         def hook(module: nn.Module, inputs: Any, output: Any) -> None:
@@ -69,17 +87,19 @@ def unit_means(
             total, count = _reduce_to_units(units, unit_dim)
             sums[name] = sums[name] + total.cpu() if name in sums else total.cpu()
             counts[name] = counts.get(name, 0) + count
+            calls[name] = calls.get(name, 0) + 1
 
         return hook
 
-    batches = iter_batches(data, batch_size)
+    warn_about_loader(data)
+    batches = iter_batches(data, chunk_size)
     first = next(batches)
     if layers is None:
         layers = [
             info.name
             for info in find_layers(
                 model,
-                _to_device(first[0], model_device(model)),
+                to_device(first[0], model_device(model)),
                 unit_dim=unit_dim,
                 output_keys=output_keys,
             )
@@ -88,13 +108,21 @@ def unit_means(
         validate_layer_names(model, layers)
     modules = dict(model.named_modules())
     device = model_device(model)
+    passes = 1
     with preserved_mode(model, evaluate=True), registered_hooks() as handles:
         for name in layers:
             handles.append(modules[name].register_forward_hook(make_hook(name)))
         with torch.no_grad():
-            call_model(model, _to_device(first[0], device))
+            call_model(model, to_device(first[0], device))
             for inputs, _ in batches:
-                call_model(model, _to_device(inputs, device))
+                call_model(model, to_device(inputs, device))
+                passes += 1
+    for name, count in calls.items():
+        if count != passes:
+            raise ValueError(
+                f"Layer '{name}' runs {count // passes} times in one forward pass, so its "
+                "calls would be averaged together. Give each use its own module instance."
+            )
     missing = [name for name in layers if name not in sums]
     if missing:
         raise ValueError(

@@ -61,15 +61,19 @@ def _check_classification(logits: Tensor, targets: Tensor) -> None:
 def topk_correct(logits: Tensor, targets: Tensor, k: int) -> Tensor:
     """Return a boolean tensor of shape (batch,): whether the target is among the top k.
 
-    ``k`` larger than the number of classes counts every example as correct.
+    Classes are ranked by logit, and tied logits by class index, which is how
+    ``argmax`` breaks ties. So top-1 equals argmax accuracy and top-k never falls as k
+    grows. ``k`` larger than the number of classes counts every example as correct.
     """
     _check_classification(logits, targets)
-    targets = targets.to(logits.device)
-    if k == 1:
-        return logits.argmax(dim=1) == targets
-    k = min(k, logits.shape[1])
-    top = logits.topk(k, dim=1).indices
-    return (top == targets.unsqueeze(1)).any(dim=1)
+    targets = targets.to(logits.device).long()
+    target_logits = logits.gather(1, targets.unsqueeze(1))
+    classes = torch.arange(logits.shape[1], device=logits.device).unsqueeze(0)
+    higher = (logits > target_logits).sum(dim=1)
+    tied_before = ((logits == target_logits) & (classes < targets.unsqueeze(1))).sum(
+        dim=1
+    )
+    return higher + tied_before < k
 
 
 def _topk_metric(k: int) -> Metric:

@@ -39,7 +39,7 @@ def mlp(
             raise ValueError(
                 f"Expected {name} to be a positive integer, but got {number!r}."
             )
-    hidden = tuple(hidden)
+    hidden = (hidden,) if isinstance(hidden, int) else tuple(hidden)
     if not hidden or any(
         isinstance(w, bool) or not isinstance(w, int) or w < 1 for w in hidden
     ):

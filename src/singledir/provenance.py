@@ -45,11 +45,10 @@ def package_versions() -> dict[str, str | None]:
     return versions
 
 
-def _git_commit() -> str | None:
-    source = Path(__file__).resolve().parent
+def _git(source: Path, *args: str) -> str | None:
     try:
         result = subprocess.run(
-            ["git", "-C", str(source), "rev-parse", "HEAD"],
+            ["git", "-C", str(source), *args],
             capture_output=True,
             text=True,
             timeout=5,
@@ -57,7 +56,21 @@ def _git_commit() -> str | None:
         )
     except (OSError, subprocess.SubprocessError):
         return None
-    return result.stdout.strip() or None
+    return result.stdout.strip() if result.returncode == 0 else None
+
+
+def git_state() -> dict[str, Any] | None:
+    """Return the commit and dirty flag of the singledir checkout, or None.
+
+    Only a checkout whose ``src/singledir`` is this very package counts, so an
+    installed copy inside some other repository records nothing.
+    """
+    package = Path(__file__).resolve().parent
+    top = _git(package, "rev-parse", "--show-toplevel")
+    if not top or (Path(top) / "src" / "singledir").resolve() != package:
+        return None
+    status = _git(package, "status", "--porcelain", "--untracked-files=no")
+    return {"commit": _git(package, "rev-parse", "HEAD"), "dirty": bool(status)}
 
 
 def environment_info() -> dict[str, Any]:
@@ -79,5 +92,5 @@ def environment_info() -> dict[str, Any]:
         else [],
         "torch_cuda_build": torch.version.cuda,
         "packages": package_versions(),
-        "git_commit": _git_commit(),
+        "git": git_state(),
     }

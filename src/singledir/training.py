@@ -11,6 +11,8 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
+from singledir._model_state import preserved_mode
+
 logger = logging.getLogger(__name__)
 
 
@@ -71,18 +73,14 @@ def evaluate_loss_accuracy(
     model: nn.Module, inputs: Tensor, targets: Tensor, batch_size: int = 1024
 ) -> tuple[float, float]:
     """Return mean cross-entropy and accuracy over all examples, in eval mode."""
-    was_training = model.training
-    model.eval()
     loss_sum = 0.0
     correct = 0
-    try:
+    with preserved_mode(model, evaluate=True):
         for start in range(0, inputs.shape[0], batch_size):
             logits = model(inputs[start : start + batch_size])
             batch_targets = targets[start : start + batch_size]
             loss_sum += float(F.cross_entropy(logits, batch_targets, reduction="sum"))
             correct += int((logits.argmax(dim=1) == batch_targets).sum())
-    finally:
-        model.train(was_training)
     return loss_sum / inputs.shape[0], correct / inputs.shape[0]
 
 

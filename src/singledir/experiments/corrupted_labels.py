@@ -53,6 +53,10 @@ class CorruptedLabelsConfig:
         """Raise ValueError on the first invalid setting, before any training."""
         if not self.fractions:
             raise ValueError("Expected at least one corruption fraction, but got none.")
+        if len(set(self.fractions)) != len(self.fractions):
+            raise ValueError(
+                f"Expected distinct corruption fractions, but got {list(self.fractions)}."
+            )
         for fraction in self.fractions:
             if not 0.0 <= fraction <= 1.0:
                 raise ValueError(
@@ -132,16 +136,18 @@ class CorruptedLabelsResult:
 
 def _train_trial(
     config: CorruptedLabelsConfig,
-    index: int,
     fraction: float,
     split: Any,
     on_epoch: Callable[[EpochRecord], None] | None,
 ) -> TrialResult:
+    # Seeds follow the fraction's value, not its position, so a run of a subset of
+    # fractions reproduces the same networks.
+    key = round(fraction * 1_000_000)
     seeds = {
-        "corruption": derive_seed(config.seed, 1, index),
-        "init": derive_seed(config.seed, 2, index),
-        "data_order": derive_seed(config.seed, 3, index),
-        "orderings": derive_seed(config.seed, 4, index),
+        "corruption": derive_seed(config.seed, 1, key),
+        "init": derive_seed(config.seed, 2, key),
+        "data_order": derive_seed(config.seed, 3, key),
+        "orderings": derive_seed(config.seed, 4, key),
     }
     labels, _ = corrupt_labels(split.train_targets, fraction, seed=seeds["corruption"])
     # fork_rng keeps the caller's global random state as it was.
@@ -164,7 +170,7 @@ def _train_trial(
     )
     if history[-1].train_accuracy < config.target_train_accuracy:
         logger.warning(
-            "Corruption %.2f: training accuracy %.4f is below the target %.4f after %d "
+            "Corruption %g: training accuracy %.4f is below the target %.4f after %d "
             "epochs.",
             fraction,
             history[-1].train_accuracy,
@@ -177,7 +183,7 @@ def _train_trial(
         orderings=config.orderings,
         seed=seeds["orderings"],
         points=config.points,
-        batch_size=1000,
+        chunk_size=1000,
     )
     return TrialResult(fraction, seeds, history, history[-1].test_accuracy, curve)
 
@@ -191,7 +197,7 @@ def plot_curves(result: CorruptedLabelsResult) -> Any:
     figure, ax = plt.subplots(figsize=(6, 4.5))
     colors = plt.get_cmap("viridis")(np.linspace(0.0, 0.9, max(len(result.trials), 1)))
     for trial, color in zip(result.trials, colors):
-        trial.curve.plot(ax, label=f"{trial.corruption:.1f}", color=color)
+        trial.curve.plot(ax, label=f"{trial.corruption:g}", color=color)
     ax.set_ylabel("Training accuracy")
     ax.set_ylim(0, 1.02)
     ax.set_title(
@@ -246,6 +252,12 @@ def run_corrupted_labels(
     out.mkdir(parents=True, exist_ok=True)
     split = load_split(config.dataset, test_size=config.test_size, seed=config.seed)
     if config.train_size is not None:
+        available = len(split.train_targets)
+        if config.train_size > available:
+            raise ValueError(
+                f"Expected train_size of at most {available}, the size of the training "
+                f"split, but got {config.train_size}."
+            )
         keep = np.sort(
             np.random.default_rng(config.seed).permutation(len(split.train_targets))[
                 : config.train_size
@@ -256,16 +268,16 @@ def run_corrupted_labels(
             split.train_targets[keep],
         )
     result = CorruptedLabelsResult(config)
-    for index, fraction in enumerate(config.fractions):
-        logger.info("Corruption %.2f: training", fraction)
+    for fraction in config.fractions:
+        logger.info("Corruption %g: training", fraction)
         callback = (
             None
             if on_epoch is None
             else (lambda record, f=fraction: on_epoch(f, record))
         )
-        trial = _train_trial(config, index, fraction, split, callback)
+        trial = _train_trial(config, fraction, split, callback)
         result.trials.append(trial)
-        logger.info("Corruption %.2f: AUC %.4f", fraction, trial.curve.auc)
+        logger.info("Corruption %g: AUC %.4f", fraction, trial.curve.auc)
         _write_outputs(result, out, started, finished=False)
     _write_outputs(result, out, started, finished=True)
     return result
