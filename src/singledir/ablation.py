@@ -91,6 +91,9 @@ class UnitClamp:
         self._masks: dict[str, Tensor | None] = {name: None for name in self.layers}
         self._scalar: float | None = None
         self._vectors: dict[str, Tensor] = {}
+        # Layers whose clamp a cached engine applies in the next layer's weights.
+        self.folded: set[str] = set()
+        self._cache: dict[Any, tuple[list[dict[str, Tensor]], dict]] = {}
         if isinstance(value, Mapping):
             missing = [name for name in self.layers if name not in value]
             if missing:
@@ -121,8 +124,25 @@ class UnitClamp:
         """Replace the ablated units: ``units`` maps layer names to unit indices."""
         self.set_groups([units])
 
-    def set_groups(self, groups: Sequence[UnitSpec]) -> None:
-        """Clamp replica r of every batch with ``groups[r]``, a map of layer to indices."""
+    def set_groups(self, groups: Sequence[UnitSpec], cache_key: Any = None) -> None:
+        """Clamp replica r of every batch with ``groups[r]``, a map of layer to indices.
+
+        Engines set the same groups once per chunk of examples. With a ``cache_key``, the
+        parsed groups and their masks are kept under that key and reused, until
+        ``clear_cache``.
+        """
+        if cache_key is not None and cache_key in self._cache:
+            self._groups, self._masks = self._cache[cache_key]
+            return
+        self._set_groups(groups)
+        if cache_key is not None:
+            # The mask dict is shared, so masks built later are cached too.
+            self._cache[cache_key] = (self._groups, self._masks)
+
+    def clear_cache(self) -> None:
+        self._cache = {}
+
+    def _set_groups(self, groups: Sequence[UnitSpec]) -> None:
         if not groups:
             raise ValueError("Expected at least one group of units, but got none.")
         parsed = []
@@ -151,11 +171,10 @@ class UnitClamp:
         """Whether any group ablates a unit of layer ``name``."""
         return any(group[name].numel() for group in self._groups)
 
-    def _mask(self, name: str, units: Tensor) -> Tensor:
-        """Return the (groups, num_units) boolean mask of layer ``name``."""
-        num_units = units.shape[self.unit_dim % units.dim()]
+    def group_mask(self, name: str, num_units: int, device: torch.device) -> Tensor:
+        """Return the (groups, num_units) boolean mask of ablated units of ``name``."""
         mask = self._masks[name]
-        if mask is None or mask.shape[1] != num_units or mask.device != units.device:
+        if mask is None or mask.shape[1] != num_units or mask.device != device:
             mask = torch.zeros(len(self._groups), num_units, dtype=torch.bool)
             for row, group in enumerate(self._groups):
                 indices = group[name]
@@ -166,7 +185,7 @@ class UnitClamp:
                         f"{num_units - 1}."
                     )
                 mask[row, indices] = True
-            mask = mask.to(units.device)
+            mask = mask.to(device)
             self._masks[name] = mask
         return mask
 
@@ -208,7 +227,7 @@ class UnitClamp:
         shape = [1] * grouped.dim()
         shape[0] = groups
         shape[dim + 1] = num_units
-        mask = self._mask(name, units).view(shape)
+        mask = self.group_mask(name, num_units, units.device).view(shape)
         fill_shape = [1] * grouped.dim()
         fill_shape[dim + 1] = num_units
         fill = self.fill_values(name, num_units, units).view(fill_shape)
@@ -220,7 +239,7 @@ class UnitClamp:
         key = self.output_keys.get(name)
 
         def hook(module: nn.Module, inputs: Any, output: Any) -> Any:
-            if not self.is_active(name):
+            if name in self.folded or not self.is_active(name):
                 return None
             units = select_output(output, key, name)
             return replace_output(output, key, self.clamp(name, units))

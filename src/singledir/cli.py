@@ -290,8 +290,8 @@ def build_parser() -> argparse.ArgumentParser:
     curve.add_argument(
         "--chunk-size",
         type=_positive_int,
-        default=512,
-        help="examples per forward pass; peak memory grows with it (default: 512)",
+        default=1024,
+        help="examples per forward pass; peak memory grows with it (default: 1024)",
     )
     curve.add_argument(
         "--engine",

@@ -34,7 +34,7 @@ def unit_importance(
     metric: MetricSpec = "accuracy",
     *,
     engine: str = "auto",
-    chunk_size: int = 512,
+    chunk_size: int = 1024,
     unit_dim: int = 1,
     output_keys: Mapping[str, OutputKey] | None = None,
     logits_fn: Callable[[Any], Tensor] | None = None,

@@ -38,7 +38,7 @@ def unit_means(
     *,
     unit_dim: int = 1,
     output_keys: Mapping[str, OutputKey] | None = None,
-    chunk_size: int = 512,
+    chunk_size: int = 1024,
 ) -> dict[str, Tensor]:
     """Compute each unit's mean activation over all of ``data``.
 

@@ -22,10 +22,23 @@ _TOPK = re.compile(r"top(\d+)")
 
 @dataclass(frozen=True)
 class Metric:
-    """A named metric: ``batch_sum(logits, targets)`` returns (score sum, count)."""
+    """A named metric: ``batch_sum(logits, targets)`` returns (score sum, count).
+
+    ``group_sums(logits, targets)`` scores several groups of logits for the same
+    targets at once: logits of shape (groups, batch, classes) give a tensor of score
+    sums of shape (groups,). Metrics without a vectorized form score group by group.
+    """
 
     name: str
     batch_sum: Callable[[Tensor, Tensor], tuple[float, int]]
+    vectorized_group_sums: Callable[[Tensor, Tensor], Tensor] | None = None
+
+    def group_sums(self, logits: Tensor, targets: Tensor) -> Tensor:
+        if self.vectorized_group_sums is not None:
+            return self.vectorized_group_sums(logits, targets)
+        return torch.tensor(
+            [self.batch_sum(group, targets)[0] for group in logits], dtype=torch.float64
+        )
 
 
 def _check_classification(logits: Tensor, targets: Tensor) -> None:
@@ -81,7 +94,13 @@ def _topk_metric(k: int) -> Metric:
         correct = topk_correct(logits, targets, k)
         return float(correct.sum().item()), int(correct.numel())
 
-    return Metric("accuracy" if k == 1 else f"top{k}", batch_sum)
+    def group_sums(logits: Tensor, targets: Tensor) -> Tensor:
+        groups, batch = logits.shape[0], logits.shape[1]
+        flat = logits.reshape(groups * batch, *logits.shape[2:])
+        correct = topk_correct(flat, targets.to(logits.device).repeat(groups), k)
+        return correct.view(groups, batch).sum(dim=1).cpu().double()
+
+    return Metric("accuracy" if k == 1 else f"top{k}", batch_sum, group_sums)
 
 
 def _callable_metric(fn: MetricFn) -> Metric:

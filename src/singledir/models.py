@@ -63,3 +63,60 @@ def mlp(
         width_in = width
     layers.append(("out", nn.Linear(width_in, classes)))
     return nn.Sequential(OrderedDict(layers))
+
+
+#: Output channels and strides of the 11 conv layers of the CIFAR-10 network of
+#: Morcos et al. (ICLR 2018). Every kernel is 3x3 with padding 1.
+CNN11_CHANNELS = (64, 64, 128, 128, 128, 256, 256, 256, 512, 512, 512)
+CNN11_STRIDES = (1, 1, 2, 1, 1, 2, 1, 1, 2, 1, 1)
+
+
+def cnn11(
+    in_channels: int = 3,
+    classes: int = 10,
+    width: float = 1.0,
+    batch_norm: bool = True,
+    image_size: int = 32,
+) -> nn.Sequential:
+    """Build the 11-layer conv net of the CIFAR-10 experiments, with named modules.
+
+    Conv layer i (from 1) is ``conv{i}``, then ``bn{i}`` if ``batch_norm``, then
+    ``relu{i}``. Then come ``flatten``, a 256-unit ``fc`` with ``fc_relu``, and the
+    ``out`` layer. The ablatable layers of the method are the feature maps of the last
+    three conv layers: ``relu9``, ``relu10`` and ``relu11`` (see ``CNN11_LAYERS``).
+
+    Args:
+        in_channels: Channels of the input images (3 for CIFAR-10, 1 for MNIST).
+        classes: Number of outputs.
+        width: Multiplier of every conv layer's channel count (rounded, at least 1), so
+            that narrow versions train on a CPU. Default 1.0, the published widths.
+        batch_norm: Put BatchNorm2d after each conv and before its ReLU. Default True.
+        image_size: Height and width of the input images in pixels. Default 32.
+    """
+    if width <= 0:
+        raise ValueError(f"Expected width to be a positive float, but got {width!r}.")
+    layers: list[tuple[str, nn.Module]] = []
+    channels_in = in_channels
+    size = image_size
+    for index, (channels, stride) in enumerate(
+        zip(CNN11_CHANNELS, CNN11_STRIDES), start=1
+    ):
+        channels_out = max(1, round(channels * width))
+        conv = nn.Conv2d(
+            channels_in, channels_out, 3, stride=stride, padding=1, bias=not batch_norm
+        )
+        layers.append((f"conv{index}", conv))
+        if batch_norm:
+            layers.append((f"bn{index}", nn.BatchNorm2d(channels_out)))
+        layers.append((f"relu{index}", nn.ReLU()))
+        channels_in = channels_out
+        size = (size + 2 - 3) // stride + 1
+    layers.append(("flatten", nn.Flatten()))
+    layers.append(("fc", nn.Linear(channels_in * size * size, 256)))
+    layers.append(("fc_relu", nn.ReLU()))
+    layers.append(("out", nn.Linear(256, classes)))
+    return nn.Sequential(OrderedDict(layers))
+
+
+#: Layers ablated in conv nets by default: the last three conv layers' feature maps.
+CNN11_LAYERS = ("relu9", "relu10", "relu11")

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+import torch
 from torch import Tensor, nn
 
 from singledir._model_state import model_device
@@ -89,15 +90,17 @@ class Engine:
             for first, logits in self.iter_logits(
                 to_device(inputs, device), batch, sets
             ):
-                for offset in range(logits.shape[0] // batch):
-                    position = first + offset
-                    rows = logits[offset * batch : (offset + 1) * batch]
-                    ablated = len(sets[position])
+                groups = logits.shape[0] // batch
+                grouped = logits.reshape(groups, batch, *logits.shape[1:])
+                has_nan = torch.isnan(grouped.reshape(groups, -1)).any(dim=1)
+                if bool(has_nan.any()):
+                    offset = int(has_nan.nonzero()[0, 0])
+                    ablated = len(sets[first + offset])
                     check_logits(
-                        rows,
+                        grouped[offset],
                         f"with {ablated} of {m.total_units} units ablated{context}",
                     )
-                    total, count = m.metric.batch_sum(rows, targets.to(rows.device))
-                    totals[position] += total
-                    counts[position] += count
+                sums = m.metric.group_sums(grouped, targets.to(logits.device))
+                totals[first : first + groups] += sums.numpy()
+                counts[first : first + groups] += batch
         return totals / counts

@@ -27,14 +27,15 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from singledir._outputs import call_model, extract_logits, replace_output, select_output
+from singledir.engines._folding import fold_consumers
 from singledir.engines._graph import SplitError, first_ablated_node, split_after, trace
 from singledir.engines.base import Engine, Measurement, split_pooled
 
 # Upper bound, in bytes, on the cached activations repeated for one forward pass. The
 # suffix allocates a few times this for its intermediate activations.
-DEFAULT_PASS_BYTES = 64 * 2**20
+DEFAULT_PASS_BYTES = 16 * 2**20
 # More sets per pass than this gains little, because matrix products are already large.
-MAX_SETS_PER_PASS = 64
+MAX_SETS_PER_PASS = 128
 
 
 def _tensor_bytes(value: Any) -> int:
@@ -84,6 +85,27 @@ class PrefixEngine(Engine):
         self.first_name = str(self.first_layer.target)
         self.pass_bytes = pass_bytes
         self.split = self._make_split()
+        self.folded = self._fold(cut_layer=self._cut_layer())
+
+    def _cut_layer(self) -> str | None:
+        """Name of the ablated layer whose output the cut carries, if any."""
+        return self.first_name
+
+    def _fold(self, cut_layer: str | None) -> set[str]:
+        m = self.measurement
+        names = {layer.name for layer in m.layers}
+        placeholders = [
+            n for n in self.split.suffix.graph.nodes if n.op == "placeholder"
+        ]
+        nodes = {
+            str(n.target): n
+            for n in self.split.suffix.graph.nodes
+            if n.op == "call_module" and n.target in names
+        }
+        if cut_layer is not None:
+            nodes[cut_layer] = placeholders[-1]
+        shapes = {layer.name: layer.shape for layer in m.layers}
+        return fold_consumers(self.split.suffix, nodes, m.clamp, m.unit_dim, shapes)
 
     def _make_split(self):
         return split_after(self.traced, self.first_layer)
@@ -100,12 +122,29 @@ class PrefixEngine(Engine):
             max(1, min(total_sets, MAX_SETS_PER_PASS, self.pass_bytes // per_copy))
         )
 
+    def _passes(
+        self, carried: list[Any], sets: Sequence[np.ndarray]
+    ) -> list[tuple[int, int]]:
+        """Split ``sets`` into passes: (first, stop) ranges scored in one forward pass."""
+        per_pass = self._sets_per_pass(carried, len(sets))
+        return [
+            (first, min(first + per_pass, len(sets)))
+            for first in range(0, len(sets), per_pass)
+        ]
+
     def _cut_value(
-        self, state: Any, carried: list[Any], batch: int, group: Sequence[np.ndarray]
+        self,
+        state: Any,
+        carried: list[Any],
+        batch: int,
+        group: Sequence[np.ndarray],
+        first: int,
     ) -> Any:
         m = self.measurement
         key = m.output_keys.get(self.first_name)
         repeated = _repeat(carried[-1], len(group), batch)
+        if self.first_name in self.folded:
+            return repeated
         units = select_output(repeated, key, self.first_name)
         return replace_output(repeated, key, m.clamp.clamp(self.first_name, units))
 
@@ -118,21 +157,93 @@ class PrefixEngine(Engine):
     ) -> Iterator[tuple[int, Tensor]]:
         m = self.measurement
         state, carried = self._chunk_state(self._run_prefix(inputs))
-        per_pass = self._sets_per_pass(carried, len(sets))
-        for first in range(0, len(sets), per_pass):
-            group = sets[first : first + per_pass]
-            m.clamp.set_groups([split_pooled(pooled, m.layers) for pooled in group])
-            arguments = [_repeat(value, len(group), batch) for value in carried[:-1]]
-            arguments.append(self._cut_value(state, carried, batch, group))
-            output = self.split.suffix(*arguments)
-            yield first, extract_logits(output, m.logits_fn)
-        m.clamp.set_units({})
+        try:
+            m.clamp.folded = self.folded
+            for first, stop in self._passes(carried, sets):
+                group = sets[first:stop]
+                m.clamp.set_groups(
+                    [split_pooled(pooled, m.layers) for pooled in group],
+                    cache_key=(first, stop),
+                )
+                arguments = [
+                    _repeat(value, len(group), batch) for value in carried[:-1]
+                ]
+                arguments.append(self._cut_value(state, carried, batch, group, first))
+                output = self.split.suffix(*arguments)
+                yield first, extract_logits(output, m.logits_fn)
+        finally:
+            m.clamp.folded = set()
+            m.clamp.set_units({})
+
+    def score_sets(self, sets: Sequence[np.ndarray], context: str = "") -> np.ndarray:
+        # Pass plans are cached per call, because every chunk repeats the same passes.
+        self._plans: dict[Any, Any] = {}
+        self.measurement.clamp.clear_cache()
+        try:
+            return super().score_sets(sets, context)
+        finally:
+            self._plans = {}
+            self.measurement.clamp.clear_cache()
 
 
 class IncrementalEngine(PrefixEngine):
     """Update the first ablated layer's consumer incrementally; see the module docs."""
 
     name = "incremental"
+
+    def _cut_layer(self) -> str | None:
+        return None
+
+    def _fold(self, cut_layer: str | None) -> set[str]:
+        folded = super()._fold(cut_layer)
+        self.expander = self._find_expander(folded)
+        return folded
+
+    def _passes(
+        self, carried: list[Any], sets: Sequence[np.ndarray]
+    ) -> list[tuple[int, int]]:
+        if self.expander is None:
+            return super()._passes(carried, sets)
+        # Sets that share first-layer units share one replica, so a pass is sized by
+        # its distinct replicas, and dense points fit many sets in one pass.
+        replicas = self._sets_per_pass(carried, len(sets))
+        key = ("passes", len(sets), replicas)
+        plans = getattr(self, "_plans", {})
+        if key in plans:
+            return plans[key]
+        layers = self.measurement.layers
+        passes, first, distinct, previous = [], 0, 0, None
+        for row, pooled in enumerate(sets):
+            units = split_pooled(pooled, layers)[self.first_name]
+            new = previous is None or not np.array_equal(units, previous)
+            full = row - first >= MAX_SETS_PER_PASS or (new and distinct == replicas)
+            if row > first and full:
+                passes.append((first, row))
+                first, distinct, new = row, 0, True
+            distinct += int(new)
+            previous = units
+        passes.append((first, len(sets)))
+        plans[key] = passes
+        return passes
+
+    def _find_expander(self, folded: set[str]) -> Any:
+        """Return the folded consumer that can fan one input out to many groups.
+
+        Sets with the same units of the first layer give the same consumer output, so
+        the suffix runs once per distinct first-layer set up to the next ablated
+        layer's consumer, which then applies each set's own clamp. That holds only if
+        the next ablated layer comes before any other use of carried values.
+        """
+        if len(self.split.carried) != 1:
+            return None
+        names = {layer.name for layer in self.measurement.layers}
+        for node in self.split.suffix.graph.nodes:
+            if node.op == "call_module" and node.target in names:
+                if node.target not in folded:
+                    return None
+                module_name = f"singledir_masked_{str(node.target).replace('.', '_')}"
+                return self.split.suffix.get_submodule(module_name)
+        return None
 
     def _make_split(self):
         m = self.measurement
@@ -216,26 +327,105 @@ class IncrementalEngine(PrefixEngine):
             delta, weight, None, consumer.stride, consumer.padding, consumer.dilation, 1
         )
 
-    def _pre_activation(self, state: dict, pooled: np.ndarray) -> Tensor:
-        target = np.zeros(self.first_units, dtype=bool)
-        target[split_pooled(pooled, self.measurement.layers)[self.first_name]] = True
-        applied = state["applied"]
-        if np.all(target >= applied):
-            added = np.flatnonzero(target & ~applied)
-            if added.size:
-                state["current"] = state["current"] + self._contribution(state, added)
+    def _plan(
+        self,
+        group: Sequence[np.ndarray],
+        key: Any,
+        applied: np.ndarray,
+        device: torch.device,
+    ) -> Any:
+        """Return the update steps of one pass, the same for every chunk.
+
+        ``applied`` marks the first-layer units already in the consumer's output when
+        the pass starts. Each step is (index of the set in the group, start from the
+        unablated output?, units of the first layer to add as an index tensor).
+        ``sources`` maps every set in the group to the step that computes its consumer
+        output. The plan also returns the units applied when the pass ends.
+        """
+        plans = getattr(self, "_plans", {})
+        if key in plans:
+            return plans[key]
+        layers = self.measurement.layers
+        steps, sources, previous = [], [], None
+        for row, pooled in enumerate(group):
+            target = np.zeros(self.first_units, dtype=bool)
+            target[split_pooled(pooled, layers)[self.first_name]] = True
+            if (
+                self.expander is not None
+                and previous is not None
+                and np.array_equal(target, previous)
+            ):
+                sources.append(len(steps) - 1)
+                continue
+            restart = not np.all(target >= applied)
+            units = np.flatnonzero(target if restart else target & ~applied)
+            index = torch.as_tensor(units, dtype=torch.long, device=device)
+            # The consumer's weight columns of these units, reused by every chunk.
+            columns = None
+            if isinstance(self.consumer, nn.Linear) and units.size:
+                columns = self.consumer.weight.index_select(1, index).T.contiguous()
+            steps.append((row, restart, index, columns))
+            sources.append(len(steps) - 1)
+            applied, previous = target, target
+        plan = (steps, sources, applied)
+        plans[key] = plan
+        return plan
+
+    def _write_pre_activation(
+        self,
+        state: dict,
+        restart: bool,
+        index: Tensor,
+        columns: Tensor | None,
+        out: Tensor,
+    ) -> None:
+        """Write the consumer's output after adding units ``index`` into ``out``."""
+        base = state["start"] if restart else state["current"]
+        if index.numel() == 0:
+            out.copy_(base)
+        elif isinstance(self.consumer, nn.Linear):
+            activation = state["activation"]
+            delta = state["fill"][index] - activation.index_select(-1, index)
+            # One fused product-and-add: out = base + delta @ weight[:, index].T.
+            torch.addmm(
+                base.reshape(-1, base.shape[-1]),
+                delta.reshape(-1, index.numel()),
+                columns,
+                out=out.view(-1, out.shape[-1]),
+            )
         else:
-            units = np.flatnonzero(target)
-            state["current"] = state["start"]
-            if units.size:
-                state["current"] = state["start"] + self._contribution(state, units)
-        state["applied"] = target
-        return state["current"]
+            torch.add(base, self._contribution(state, index.cpu().numpy()), out=out)
+        state["current"] = out
 
     def _cut_value(
-        self, state: Any, carried: list[Any], batch: int, group: Sequence[np.ndarray]
+        self,
+        state: Any,
+        carried: list[Any],
+        batch: int,
+        group: Sequence[np.ndarray],
+        first: int,
     ) -> Any:
+        start = state["start"]
+        key = (first, len(group))
+        steps, sources, applied = self._plan(group, key, state["applied"], start.device)
+        if self.expander is not None:
+            self.expander.sources = sources
+        buffer = torch.empty(
+            (len(steps), *start.shape), dtype=start.dtype, device=start.device
+        )
         with torch.no_grad():
-            return torch.cat(
-                [self._pre_activation(state, pooled) for pooled in group], dim=0
-            )
+            for slot, (_, restart, index, columns) in enumerate(steps):
+                self._write_pre_activation(state, restart, index, columns, buffer[slot])
+        state["applied"] = applied
+        # The suffix may change the buffer in place, so the next group starts from a copy.
+        state["current"] = buffer[-1].clone()
+        return buffer.reshape(len(steps) * start.shape[0], *start.shape[1:])
+
+    def iter_logits(
+        self, inputs: Any, batch: int, sets: Sequence[np.ndarray]
+    ) -> Iterator[tuple[int, Tensor]]:
+        try:
+            yield from super().iter_logits(inputs, batch, sets)
+        finally:
+            if self.expander is not None:
+                self.expander.sources = None
