@@ -1,13 +1,16 @@
+import datetime
 import importlib.metadata
 import importlib.util
 import json
-import re
+import os
+import platform
 import textwrap
 
 import numpy as np
 import pandas as pd
 import pytest
 import torch
+from scipy.integrate import trapezoid
 
 from singledir import ablation_curve
 from singledir.cli import main
@@ -65,17 +68,22 @@ def test_corrupted_labels_end_to_end(tmp_path, capsys):
     first = curves[(curves.corruption == 0.0)].pivot(
         index="ordering", columns="fraction", values="accuracy"
     )
-    auc = np.trapezoid(first.to_numpy(), first.columns.to_numpy(), axis=1).mean()
+    auc = trapezoid(first.to_numpy(), first.columns.to_numpy(), axis=1).mean()
     assert auc == pytest.approx(summary.loc[0, "auc"], abs=1e-12)
 
     run = json.loads((out / "run.json").read_text())
     assert run["config"]["hidden"] == [16, 16]
     assert run["finished"] is True
     assert set(run["seeds"]["0.5"]) == {"corruption", "init", "data_order", "orderings"}
-    assert (
-        run["environment"]["packages"]["torch"] == torch.__version__.split("+")[0]
-        or run["environment"]["packages"]["torch"]
-    )
+    environment = run["environment"]
+    assert environment["packages"]["torch"] == importlib.metadata.version("torch")
+    assert environment["packages"]["torch"] == torch.__version__.split("+")[0]
+    assert environment["packages"]["numpy"] == np.__version__
+    assert environment["python"] == platform.python_version()
+    assert_hardware_fields(environment)
+    started = datetime.datetime.fromisoformat(run["started_utc"])
+    assert started.utcoffset() == datetime.timedelta(0)
+    assert started <= datetime.datetime.fromisoformat(environment["time_utc"])
     assert run["seconds"] > 0
     assert (out / "figure.png").stat().st_size > 10_000
 
@@ -231,12 +239,55 @@ def test_curve_command_unknown_layer(tmp_path, capsys):
     assert capsys.readouterr().err.strip() == message
 
 
+def assert_hardware_fields(info):
+    assert isinstance(info["processor"], str)
+    assert isinstance(info["cpu_model"], str)
+    assert info["cpu_model"]
+    assert info["cpu_count"] == os.cpu_count()
+    memory = info["memory_total_bytes"]
+    assert memory is None or (isinstance(memory, int) and memory > 0)
+    assert isinstance(info["cuda_available"], bool)
+    assert isinstance(info["cuda_devices"], list)
+    assert all(isinstance(name, str) for name in info["cuda_devices"])
+    assert len(info["cuda_devices"]) == (
+        torch.cuda.device_count() if info["cuda_available"] else 0
+    )
+    recorded = datetime.datetime.fromisoformat(info["time_utc"])
+    assert recorded.utcoffset() == datetime.timedelta(0)
+
+
 def test_env_prints_versions(capsys):
+    before = datetime.datetime.now(datetime.timezone.utc)
     assert main(["env"]) == 0
     info = json.loads(capsys.readouterr().out)
-    assert info["packages"]["torch"]
-    assert info["cpu_count"] >= 1
-    assert re.fullmatch(r"\d+\.\d+\.\d+", info["python"])
+    assert info["packages"]["torch"] == importlib.metadata.version("torch")
+    assert info["python"] == platform.python_version()
+    assert_hardware_fields(info)
+    recorded = datetime.datetime.fromisoformat(info["time_utc"])
+    assert before - datetime.timedelta(seconds=1) <= recorded
+    assert recorded <= datetime.datetime.now(datetime.timezone.utc)
+
+
+def test_env_reads_linux_hardware_files(tmp_path, monkeypatch):
+    from singledir import provenance
+
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text(
+        "processor\t: 0\nvendor_id\t: GenuineIntel\n"
+        "model name\t: Example CPU @ 2.00GHz\n\nprocessor\t: 1\n"
+        "model name\t: Example CPU @ 2.00GHz\n"
+    )
+    meminfo = tmp_path / "meminfo"
+    meminfo.write_text("MemTotal:       16384 kB\nMemFree:         1024 kB\n")
+    monkeypatch.setattr(provenance, "_CPUINFO", cpuinfo)
+    monkeypatch.setattr(provenance, "_MEMINFO", meminfo)
+    assert provenance.cpu_model() == "Example CPU @ 2.00GHz"
+    assert provenance.memory_total_bytes() == 16384 * 1024
+    monkeypatch.setattr(provenance, "_CPUINFO", tmp_path / "missing")
+    monkeypatch.setattr(provenance, "_MEMINFO", tmp_path / "missing")
+    monkeypatch.setattr(provenance.platform, "processor", lambda: "arm")
+    assert provenance.cpu_model() == "arm"
+    assert provenance.memory_total_bytes() is None
 
 
 def test_curve_command_bad_files(tmp_path, capsys):
@@ -302,3 +353,80 @@ def test_curve_command_imports_sibling_module(tmp_path):
     )  # fmt: skip
     assert status == 0
     assert (tmp_path / "o" / "curve.json").exists()
+
+
+def curve_command(tmp_path, data, out):
+    model_file = tmp_path / "my_model.py"
+    model_file.write_text(MODEL_FILE)
+    torch.save(data, tmp_path / "data.pt")
+    return main(
+        [
+            "curve",
+            "--model-file", str(model_file),
+            "--model-fn", "build",
+            "--data", str(tmp_path / "data.pt"),
+            "--orderings", "1",
+            "--points", "3",
+            "--no-progress",
+            "--out", str(out),
+        ]
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("targets", "fix"),
+    [
+        (torch.zeros(6, 1, dtype=torch.long), "Pass targets.squeeze(1)."),
+        (
+            torch.eye(3, dtype=torch.long)[[0, 1, 2, 0, 1, 2]],
+            "For one-hot targets, pass targets.argmax(1).",
+        ),
+    ],
+)
+def test_curve_command_2d_targets(tmp_path, capsys, targets, fix):
+    out = tmp_path / "o"
+    assert curve_command(tmp_path, (torch.randn(6, 5), targets), out) == 1
+    message = (
+        "singledir curve: error: Expected targets of shape (batch,), one class index "
+        f"per example, but got a batch of shape {tuple(targets.shape)}. {fix}"
+    )
+    assert capsys.readouterr().err.strip() == message
+    assert not out.exists()
+
+
+def test_curve_command_failure_leaves_no_folder(tmp_path, capsys):
+    out = tmp_path / "nested" / "o"
+    data = (torch.randn(6, 5), torch.zeros(5, dtype=torch.long))
+    assert curve_command(tmp_path, data, out) == 1
+    message = (
+        "singledir curve: error: Targets do not match the inputs: 6 inputs but 5 "
+        "targets. Pass one target per input."
+    )
+    assert capsys.readouterr().err.strip() == message
+    assert not out.exists()
+    assert not out.parent.exists()
+
+
+def test_curve_command_out_is_a_file(tmp_path, capsys):
+    out = tmp_path / "taken"
+    out.write_text("")
+    data = (torch.randn(6, 5), torch.zeros(6, dtype=torch.long))
+    assert curve_command(tmp_path, data, out) == 1
+    message = (
+        f"singledir curve: error: Expected --out to be a folder, but '{out}' is a "
+        "file. Pass the path of a new or existing folder."
+    )
+    assert capsys.readouterr().err.strip() == message
+    assert out.read_text() == ""
+
+
+def test_curve_command_writes_started_time(tmp_path):
+    out = tmp_path / "o"
+    data = (torch.randn(6, 5), torch.zeros(6, dtype=torch.long))
+    before = datetime.datetime.now(datetime.timezone.utc)
+    assert curve_command(tmp_path, data, out) == 0
+    run = json.loads((out / "run.json").read_text())
+    started = datetime.datetime.fromisoformat(run["started_utc"])
+    assert before - datetime.timedelta(seconds=1) <= started
+    assert started <= datetime.datetime.fromisoformat(run["environment"]["time_utc"])
+    assert_hardware_fields(run["environment"])

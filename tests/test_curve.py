@@ -1,5 +1,7 @@
+import gc
 import math
 import re
+import weakref
 
 import matplotlib
 
@@ -24,7 +26,7 @@ from sklearn.metrics import accuracy_score
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from singledir import AblationCurve, ablation_curve, normalized_auc
+from singledir import AblationCurve, ablation_curve, normalized_auc, unit_means
 from singledir.curve import draw_orders, resolve_points
 
 # Accuracy of two_unit_net for each set of ablated hidden units, computed by hand.
@@ -565,3 +567,166 @@ def test_top_k_ties_never_below_top1():
     for k in (2, 5):
         topk = ablation_curve(model, data, orderings=1, points=2, metric=f"top{k}")
         assert topk.scores[0, -1] >= top1
+
+
+@pytest.mark.parametrize(
+    ("targets", "fix"),
+    [
+        (torch.tensor([[0], [1], [0], [2]]), "Pass targets.squeeze(1)."),
+        (
+            nn.functional.one_hot(torch.tensor([0, 1, 0, 2]), 3),
+            "For one-hot targets, pass targets.argmax(1).",
+        ),
+    ],
+)
+@pytest.mark.parametrize("engine", ["naive", "auto"])
+def test_curve_rejects_2d_targets(targets, fix, engine):
+    model = two_unit_net()
+    before = snapshot(model)
+    inputs, _ = two_unit_data()
+    message = (
+        "Expected targets of shape (batch,), one class index per example, but got a "
+        f"batch of shape {tuple(targets.shape)}. {fix}"
+    )
+    with pytest.raises(ValueError, match=f"^{re.escape(message)}$"):
+        ablation_curve(model, (inputs, targets), orderings=1, engine=engine)
+    assert_unchanged(model, before)
+
+
+@pytest.mark.parametrize(
+    "value", [np.float32(0.5), np.float64(0.5), torch.tensor(0.5), 0.5]
+)
+def test_curve_records_scalar_value(value, tmp_path):
+    curve = ablation_curve(two_unit_net(), two_unit_data(), orderings=2, value=value)
+    assert curve.value == 0.5
+    assert type(curve.value) is float
+    assert curve.to_dict()["value"] == 0.5
+    path = tmp_path / "curve.json"
+    curve.save(path)
+    loaded = AblationCurve.load(path)
+    assert loaded.value == 0.5
+    assert loaded.config == curve.config
+
+
+def test_curve_records_per_unit_value():
+    values = {"relu": torch.tensor([0.5, 1.0])}
+    curve = ablation_curve(two_unit_net(), two_unit_data(), orderings=2, value=values)
+    assert curve.value == "per-unit"
+
+
+@pytest.mark.parametrize("name", ["ordering", "num_ablated", "fraction"])
+def test_frame_metric_name_collision(name):
+    def metric(logits, targets):
+        return (logits.argmax(1) == targets).double()
+
+    metric.__name__ = name
+    curve = ablation_curve(two_unit_net(), two_unit_data(), orderings=3, metric=metric)
+    assert curve.metric == name
+    frame = curve.to_frame()
+    assert list(frame.columns) == ["ordering", "num_ablated", "fraction", "score"]
+    assert frame["score"].tolist() == curve.scores.reshape(-1).tolist()
+    assert frame["ordering"].tolist() == [0, 0, 0, 1, 1, 1, 2, 2, 2]
+    assert frame["num_ablated"].tolist() == [0, 1, 2] * 3
+    assert frame["fraction"].tolist() == [0.0, 0.5, 1.0] * 3
+
+
+def test_curve_empty_layers_rejected():
+    model = two_unit_net()
+    before = snapshot(model)
+    message = (
+        "Expected at least one layer name, but got layers=[]. Pass the names of the "
+        "layers to ablate, or layers=None to ablate every activation module."
+    )
+    with pytest.raises(ValueError, match=f"^{re.escape(message)}$"):
+        ablation_curve(model, two_unit_data(), layers=[])
+    assert_unchanged(model, before)
+
+
+@pytest.mark.parametrize("chunk_size", [0, -3, 2.5, True])
+def test_curve_chunk_size_rejected(chunk_size):
+    message = (
+        f"Expected chunk_size to be a positive integer, but got {chunk_size!r}. Pass "
+        "the number of examples per forward pass, such as chunk_size=1024."
+    )
+    with pytest.raises(ValueError, match=f"^{re.escape(message)}$"):
+        ablation_curve(two_unit_net(), two_unit_data(), chunk_size=chunk_size)
+    with pytest.raises(ValueError, match=f"^{re.escape(message)}$"):
+        unit_means(two_unit_net(), two_unit_data(), ["relu"], chunk_size=chunk_size)
+
+
+def test_curve_input_dtype_mismatch():
+    model = two_unit_net()
+    before = snapshot(model)
+    inputs, targets = two_unit_data()
+    message = (
+        "Expected floating-point inputs of dtype torch.float64, the dtype of the model's "
+        "parameters, but got torch.float32. Convert the inputs with inputs.double() or "
+        "the model with model.float()."
+    )
+    with pytest.raises(TypeError, match=f"^{re.escape(message)}$") as caught:
+        ablation_curve(model, (inputs.float(), targets), orderings=1)
+    assert isinstance(caught.value.__cause__, RuntimeError)
+    assert_unchanged(model, before)
+
+
+def test_curve_input_dtype_cast_by_model_accepted():
+    # A model that casts its own inputs works, so a dtype difference alone is no error.
+    class Casting(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.net = two_unit_net()
+
+        def forward(self, x):
+            return self.net(x.double())
+
+    inputs, targets = two_unit_data()
+    curve = ablation_curve(Casting(), (inputs.float(), targets), orderings=2)
+    assert curve.scores[:, 0].tolist() == [0.75, 0.75]
+
+
+def test_curve_naive_memory_bounded_by_chunk():
+    # Weak references to every hidden activation of every forward pass.
+    activations = []
+
+    class Recording(nn.Module):
+        """An MLP that records, for each forward pass, its batch size and how many
+        activations of earlier passes are still alive."""
+
+        def __init__(self):
+            super().__init__()
+            self.net = random_mlp(seed=10)
+            self.batch_sizes = []
+            self.alive_at_start = []
+
+        def forward(self, x):
+            self.batch_sizes.append(x.shape[0])
+            self.alive_at_start.append(sum(ref() is not None for ref in activations))
+            return self.net(x)
+
+    model = Recording()
+
+    def keep_reference(module, inputs, output):
+        activations.append(weakref.ref(output))
+
+    handles = [
+        model.net.relu1.register_forward_hook(keep_reference),
+        # The clamped output of relu2 is the input of the output layer.
+        model.net.out.register_forward_pre_hook(
+            lambda module, inputs: activations.append(weakref.ref(inputs[0]))
+        ),
+    ]
+    data = (torch.randn(40, 6, dtype=torch.float64), torch.randint(0, 4, (40,)))
+    curve = ablation_curve(
+        model, data, orderings=2, points=3, chunk_size=8, engine="naive"
+    )
+    for handle in handles:
+        handle.remove()
+    gc.collect()
+    assert curve.config["engine"] == "naive"
+    assert max(model.batch_sizes) == 8
+    # One probe pass on the first chunk, then 4 distinct unit sets (k = 0 and k = 20
+    # are scored once) over 5 chunks.
+    assert len(model.batch_sizes) == 1 + 4 * 5
+    assert model.alive_at_start == [0] * len(model.batch_sizes)
+    assert len(activations) == 2 * len(model.batch_sizes)
+    assert all(ref() is None for ref in activations)

@@ -1,3 +1,4 @@
+import fractions
 import re
 
 import numpy as np
@@ -51,13 +52,58 @@ def test_corrupt_labels_deterministic():
     assert not torch.equal(first[1], other[1])
 
 
-@pytest.mark.parametrize("fraction", [-0.1, 1.5])
-def test_corrupt_labels_fraction_outside_range(fraction):
+@pytest.mark.parametrize(
+    "fraction",
+    [
+        -0.1,
+        1.5,
+        np.float32(1.5),
+        torch.tensor(-0.5),
+        float("nan"),
+        np.float64("nan"),
+        True,
+        np.bool_(True),
+        torch.tensor(True),
+        "0.5",
+        [0.5],
+        np.array([0.5]),
+        torch.tensor([0.5]),
+        None,
+    ],
+)
+def test_corrupt_labels_fraction_rejected(fraction):
     message = (
-        f"Expected fraction to be a float in the [0, 1] range, but got {fraction}."
+        f"Expected fraction to be a number in the [0, 1] range, but got {fraction!r}. "
+        "Pass the fraction of examples to corrupt, such as 0.5."
     )
     with pytest.raises(ValueError, match=f"^{re.escape(message)}$"):
         corrupt_labels(torch.zeros(10, dtype=torch.long), fraction, seed=0)
+
+
+@pytest.mark.parametrize(
+    "fraction",
+    [
+        0.5,
+        np.float32(0.5),
+        np.float64(0.5),
+        np.array(0.5),
+        torch.tensor(0.5),
+        torch.tensor(0.5, dtype=torch.float64),
+        fractions.Fraction(1, 2),
+    ],
+)
+def test_corrupt_labels_accepts_real_scalars(fraction):
+    labels = torch.arange(10)
+    corrupted, mask = corrupt_labels(labels, fraction, seed=4)
+    expected, expected_mask = corrupt_labels(labels, 0.5, seed=4)
+    assert torch.equal(mask, expected_mask)
+    assert torch.equal(corrupted, expected)
+
+
+@pytest.mark.parametrize("fraction", [0, 1, np.int64(1), torch.tensor(0)])
+def test_corrupt_labels_accepts_integer_ends(fraction):
+    _, mask = corrupt_labels(np.arange(6), fraction, seed=0)
+    assert mask.sum() == 6 * int(fraction)
 
 
 def test_corrupt_labels_rejects_2d():

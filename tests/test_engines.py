@@ -344,3 +344,123 @@ def test_engines_one_set_per_pass(monkeypatch):
     for engine in ("prefix", "incremental"):
         curve = ablation_curve(model, data, orderings=2, engine=engine)
         np.testing.assert_array_equal(curve.scores, reference.scores)
+
+
+class ParameterAfterCut(nn.Module):
+    """Carries a (7, 3) tensor, computed from a parameter, across the cut."""
+
+    def __init__(self):
+        super().__init__()
+        self.table = nn.Parameter(torch.zeros(7, 3))
+        self.fc1 = nn.Linear(5, 8)
+        self.relu1 = nn.ReLU()
+        self.out = nn.Linear(8, 3)
+
+    def forward(self, x):
+        scaled = self.table * 1.0
+        hidden = self.relu1(self.fc1(x))
+        return self.out(hidden) + scaled.sum(dim=0)
+
+
+def test_engines_keep_carried_parameter_unrepeated():
+    # The last chunk has 7 examples, as many as the carried tensor has rows, so a
+    # cached engine that guessed batch tensors by their size would repeat it.
+    torch.manual_seed(0)
+    model = ParameterAfterCut().double()
+    with torch.no_grad():
+        model.table[:, 0] = 0.05
+    generator = torch.Generator().manual_seed(5)
+    data = (
+        torch.randn(71, 5, generator=generator, dtype=torch.float64),
+        torch.randint(0, 3, (71,), generator=generator),
+    )
+    options = {"orderings": 2, "points": 5, "chunk_size": 64}
+    reference = ablation_curve(model, data, engine="naive", **options)
+    for engine in ("prefix", "incremental"):
+        curve = ablation_curve(model, data, engine=engine, **options)
+        np.testing.assert_array_equal(curve.scores, reference.scores)
+
+
+@pytest.mark.parametrize("engine", ["prefix", "incremental"])
+def test_cached_engine_reports_nan_logits(engine):
+    model = random_mlp(seed=0)
+    with torch.no_grad():
+        model.out.bias[1] = float("nan")
+    inputs, targets = vector_data(count=10)
+    message = (
+        "The model produced NaN logits for 10 of 10 examples in a batch with 0 of "
+        "20 units ablated (ordering 0). "
+        "Check the model's weights and inputs for NaN or infinite values."
+    )
+    with pytest.raises(ValueError, match=f"^{re.escape(message)}$"):
+        ablation_curve(model, (inputs, targets), orderings=1, points=3, engine=engine)
+
+
+@pytest.mark.parametrize("orderings_per_pass", [None, 1, 2, 5])
+def test_orderings_per_pass_same_curve(orderings_per_pass):
+    model = random_mlp(seed=8)
+    data = vector_data()
+    reference = ablation_curve(model, data, orderings=5, engine="naive")
+    for engine in ("prefix", "incremental"):
+        curve = ablation_curve(
+            model,
+            data,
+            orderings=5,
+            engine=engine,
+            orderings_per_pass=orderings_per_pass,
+        )
+        np.testing.assert_array_equal(curve.scores, reference.scores)
+
+
+@pytest.mark.parametrize("bad", [0, -1, 1.5, True, "2"])
+def test_orderings_per_pass_rejected(bad):
+    message = (
+        "Expected orderings_per_pass to be a positive integer or None, but got "
+        f"{bad!r}. Pass None to let singledir choose."
+    )
+    with pytest.raises(ValueError, match=f"^{re.escape(message)}$"):
+        ablation_curve(random_mlp(), vector_data(), orderings_per_pass=bad)
+
+
+@pytest.mark.parametrize("engine", ["naive", "prefix", "incremental"])
+def test_engine_memory_bounded_by_chunk(engine):
+    # The largest batch any layer sees depends on the chunk size, not the dataset size.
+    model = random_mlp(seed=9)
+    seen = {"fc1": 0, "relu2": 0}
+
+    def record(name):
+        def hook(module, inputs, output):
+            seen[name] = max(seen[name], output.shape[0])
+
+        return hook
+
+    handles = [
+        model.fc1.register_forward_hook(record("fc1")),
+        model.relu2.register_forward_hook(record("relu2")),
+    ]
+    largest = []
+    try:
+        for repeat in (1, 4):
+            inputs, targets = vector_data(count=64)
+            data = (inputs.repeat(repeat, 1), targets.repeat(repeat))
+            seen.update(fc1=0, relu2=0)
+            ablation_curve(model, data, orderings=2, engine=engine, chunk_size=16)
+            largest.append(dict(seen))
+    finally:
+        for handle in handles:
+            handle.remove()
+    assert largest[0]["fc1"] <= 16
+    assert largest[1]["fc1"] <= 16
+    assert largest[1]["relu2"] == largest[0]["relu2"]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("engine", ["naive", "prefix", "incremental"])
+def test_engines_on_cuda_match_cpu(engine):
+    model = random_mlp(seed=10)
+    data = vector_data()
+    reference = ablation_curve(model, data, orderings=2, engine="naive")
+    gpu_model = random_mlp(seed=10).cuda()
+    curve = ablation_curve(gpu_model, data, orderings=2, engine=engine)
+    np.testing.assert_array_equal(curve.scores, reference.scores)
+    assert next(gpu_model.parameters()).device.type == "cuda"

@@ -117,6 +117,11 @@ class UnitClamp:
             self._scalar = float(value)
 
     @property
+    def scalar(self) -> float | None:
+        """The float that every ablated unit is clamped to, or None for per-unit values."""
+        return self._scalar
+
+    @property
     def num_groups(self) -> int:
         return len(self._groups)
 

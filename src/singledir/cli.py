@@ -480,11 +480,18 @@ def _run_curve(args: argparse.Namespace) -> int:
 
     from singledir.curve import ablation_curve
     from singledir.experiments._files import save_figure, write_csv, write_json
-    from singledir.provenance import environment_info
+    from singledir.provenance import environment_info, utc_now
 
     started = time.perf_counter()
+    started_utc = utc_now()
     out: Path = args.out
-    out.mkdir(parents=True, exist_ok=True)
+    # The folder itself is created only after the curve is measured, so a run that
+    # fails on its inputs leaves nothing behind.
+    if out.exists() and not out.is_dir():
+        raise ValueError(
+            f"Expected --out to be a folder, but {str(out)!r} is a file. Pass the path "
+            "of a new or existing folder."
+        )
     # Seeded so that a model measured without --weights starts from the same weights.
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(args.seed)
@@ -522,6 +529,7 @@ def _run_curve(args: argparse.Namespace) -> int:
         logits_fn=logits_fn,
         progress=args.progress,
     )
+    out.mkdir(parents=True, exist_ok=True)
     # The curve is written first, so a failure below cannot lose it.
     curve.save(out / "curve.json")
     write_csv(out / "curves.csv", curve.to_frame())
@@ -555,6 +563,7 @@ def _run_curve(args: argparse.Namespace) -> int:
             "layers": curve.layers,
             "seed": curve.seed,
             "environment": environment_info(),
+            "started_utc": started_utc,
             "seconds": time.perf_counter() - started,
         },
     )

@@ -15,6 +15,7 @@ not ablated, and the curve says nothing about layers that were left out.
 from __future__ import annotations
 
 import logging
+import numbers
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -31,9 +32,14 @@ from singledir._model_state import (
 from singledir._outputs import OutputKey
 from singledir.ablation import AblationValue, UnitClamp
 from singledir.curve_result import AblationCurve
-from singledir.data import DataSource, iter_batches, warn_about_loader
+from singledir.data import (
+    DataSource,
+    check_chunk_size,
+    iter_batches,
+    warn_about_loader,
+)
 from singledir.engines import ENGINES, Engine, Measurement, build_engine
-from singledir.evaluation import to_device
+from singledir.evaluation import input_dtype_error, to_device
 from singledir.layers import LayerInfo, find_layers, validate_layer_names
 from singledir.means import unit_means
 from singledir.metrics import MetricSpec, resolve_metric
@@ -110,6 +116,12 @@ def _resolve_layers(
     unit_dim: int,
     output_keys: Mapping[str, OutputKey] | None,
 ) -> list[LayerInfo]:
+    if layers is not None and len(layers) == 0:
+        raise ValueError(
+            f"Expected at least one layer name, but got layers={layers!r}. Pass the "
+            "names of the layers to ablate, or layers=None to ablate every activation "
+            "module."
+        )
     if layers is not None:
         validate_layer_names(model, layers)
     found = find_layers(
@@ -156,6 +168,7 @@ def prepare_measurement(
     its number of examples.
     """
     scorer = resolve_metric(metric)
+    check_chunk_size(chunk_size)
     warn_about_loader(data)
 
     def batches():
@@ -166,7 +179,15 @@ def prepare_measurement(
     # Closing the generator releases a DataLoader's iterator and its workers.
     probe.close()
     example = to_device(first_inputs, model_device(model))
-    infos = _resolve_layers(model, example, layers, unit_dim, output_keys)
+    dtype_error = input_dtype_error(model, example)
+    try:
+        infos = _resolve_layers(model, example, layers, unit_dim, output_keys)
+    except RuntimeError as error:
+        # Only a failed forward pass is blamed on the dtypes, because a model may cast
+        # its inputs itself.
+        if dtype_error is None:
+            raise
+        raise dtype_error from error
     names = [info.name for info in infos]
     if isinstance(value, str):
         if value != "mean":
@@ -264,9 +285,10 @@ def ablation_curve(
         logits_fn: Function from the model's output to the logits, for models that do
             not return a tensor.
         orderings_per_pass: Orderings the cached engines score in one pass over the
-            data. Default None: all of them, which runs the cached prefix once per
-            chunk. A failure loses the orderings of the pass in progress, so pass a
-            smaller number to keep more of a long curve if it fails.
+            data, which runs their cached prefix once per chunk. Default None: as many
+            as keep a pass to about 1,024 unit sets (all 10 orderings at 51 points, one
+            at every k of a 1,024-unit curve). A failure loses the orderings of the
+            pass in progress. The naive engine always scores one ordering at a time.
         progress: Show a tqdm progress bar over passes over the data.
 
     Returns:
@@ -274,9 +296,12 @@ def ablation_curve(
         the fraction of units ablated, from 0 to 1, averaged over orderings.
 
     Raises:
-        ValueError: For an unknown layer, an empty dataset, targets that do not match
-            the inputs, NaN logits, or points outside [0, total units].
-        TypeError: If the model output is not a tensor and no ``logits_fn`` is given.
+        ValueError: For an unknown layer, an empty ``layers`` list, an empty dataset,
+            targets that do not match the inputs, NaN logits, points outside
+            [0, total units], or a ``chunk_size`` that is not a positive integer.
+        TypeError: If the model output is not a tensor and no ``logits_fn`` is given,
+            or if the first forward pass fails and the floating-point inputs differ
+            in dtype from the model's parameters.
 
     If scoring fails partway, the exception carries the orderings completed so far as
     ``error.partial_curve`` (an ``AblationCurve``, or None if none completed). The naive
@@ -312,6 +337,36 @@ def ablation_curve(
         )
 
 
+# Unit sets per pass over the data when orderings_per_pass is None. Larger blocks run
+# the cached prefix less often, but their per-pass caches grow with the block.
+_SETS_PER_BLOCK = 1024
+
+
+def _check_orderings_per_pass(orderings_per_pass: int | None) -> None:
+    if orderings_per_pass is not None and (
+        isinstance(orderings_per_pass, bool)
+        or not isinstance(orderings_per_pass, numbers.Integral)
+        or orderings_per_pass < 1
+    ):
+        raise ValueError(
+            "Expected orderings_per_pass to be a positive integer or None, but got "
+            f"{orderings_per_pass!r}. Pass None to let singledir choose."
+        )
+
+
+def _orderings_per_block(
+    engine: str, orderings_per_pass: int | None, orderings: int, points: int
+) -> int:
+    """Return how many orderings one call to the engine scores."""
+    # The naive engine gains nothing from scoring orderings together, so it scores
+    # one at a time and a failure keeps every finished ordering.
+    if engine == "naive":
+        return 1
+    if orderings_per_pass is not None:
+        return min(int(orderings_per_pass), orderings)
+    return max(1, min(orderings, _SETS_PER_BLOCK // max(points, 1)))
+
+
 def _ablation_curve(
     model: nn.Module,
     data: DataSource,
@@ -330,6 +385,7 @@ def _ablation_curve(
     orderings_per_pass: int | None,
     progress: bool,
 ) -> AblationCurve:
+    _check_orderings_per_pass(orderings_per_pass)
     measurement, (example, example_size) = prepare_measurement(
         model,
         data,
@@ -345,9 +401,12 @@ def _ablation_curve(
     total = measurement.total_units
     ks = resolve_points(points, total)
     orders = draw_orders(total, orderings, seed)
-    value_label: float | str = (
-        value if isinstance(value, (int, float, str)) else "per-unit"
-    )
+    # The clamp has already turned NumPy scalars and 0-d tensors into a float.
+    value_label: float | str = "per-unit"
+    if isinstance(value, str):
+        value_label = value
+    elif measurement.clamp.scalar is not None:
+        value_label = measurement.clamp.scalar
     used_engine = engine
 
     def make_curve(scores: list[np.ndarray]) -> AblationCurve:
@@ -381,20 +440,14 @@ def _ablation_curve(
             chosen = build_engine(engine, measurement, example, example_size)
             used_engine = chosen.name
             _warn_if_slow(chosen, orderings, ks, total)
-            # The naive engine gains nothing from scoring orderings together, so it
-            # scores one at a time and a failure keeps every finished ordering. The
-            # cached engines score a block of orderings per pass over the data, which
-            # runs their cached prefix once per block instead of once per ordering.
-            block = 1 if chosen.name == "naive" else (orderings_per_pass or orderings)
+            block = _orderings_per_block(
+                chosen.name, orderings_per_pass, orderings, len(ks)
+            )
             for start in _progress(range(0, orderings, block), progress):
                 rows = range(start, min(start + block, orderings))
                 needed = [int(k) for k in ks if int(k) not in shared]
                 sets = [orders[row, :k] for row in rows for k in needed]
-                context = (
-                    f" (ordering {rows.start})"
-                    if len(rows) == 1
-                    else f" (orderings {rows.start} to {rows.stop - 1})"
-                )
+                context = [f" (ordering {row})" for row in rows for _ in needed]
                 scores = chosen.score_sets(sets, context=context).reshape(len(rows), -1)
                 for row_scores in scores:
                     by_k = dict(zip(needed, row_scores.tolist()))

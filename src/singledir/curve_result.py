@@ -54,7 +54,8 @@ class AblationCurve:
             indices, where pooled index i of layer j is ``sum(layer_sizes[:j]) + i``.
         metric: Name of the score.
         seed: Seed of the CPU generator that drew the orderings.
-        value: The ablation value: a float, or "per-unit" for per-unit values.
+        value: The ablation value: a float, "mean" for each unit's mean activation,
+            or "per-unit" for other per-unit values.
         config: Other settings the curve was computed with.
     """
 
@@ -117,16 +118,21 @@ class AblationCurve:
         return self.auc / unablated if unablated != 0 else float("nan")
 
     def to_frame(self) -> pd.DataFrame:
-        """Return the curve in long format: ordering, num_ablated, fraction, score."""
+        """Return the curve in long format: ordering, num_ablated, fraction, score.
+
+        The score column is named after the metric, such as "accuracy" or "top5". A
+        metric named "ordering", "num_ablated" or "fraction" would replace one of the
+        other columns, so its score column is named "score" instead.
+        """
         orderings, points = self.scores.shape
-        return pd.DataFrame(
-            {
-                "ordering": np.repeat(np.arange(orderings), points),
-                "num_ablated": np.tile(self.num_ablated, orderings),
-                "fraction": np.tile(self.fraction, orderings),
-                self.metric: self.scores.reshape(-1),
-            }
-        )
+        columns = {
+            "ordering": np.repeat(np.arange(orderings), points),
+            "num_ablated": np.tile(self.num_ablated, orderings),
+            "fraction": np.tile(self.fraction, orderings),
+        }
+        score_column = "score" if self.metric in columns else self.metric
+        columns[score_column] = self.scores.reshape(-1)
+        return pd.DataFrame(columns)
 
     def to_dict(self) -> dict[str, Any]:
         return {

@@ -8,6 +8,7 @@ are read in order, batch by batch, and every example counts once.
 from __future__ import annotations
 
 import logging
+import numbers
 from collections.abc import Iterator
 from typing import Any
 
@@ -39,6 +40,19 @@ def _check_tensor_pair(inputs: Any, targets: Any) -> tuple[Tensor, Tensor]:
             f"{targets.shape[0]} targets. Pass one target per input."
         )
     return inputs, targets
+
+
+def check_chunk_size(chunk_size: int) -> None:
+    """Raise ValueError unless ``chunk_size`` is a positive integer."""
+    if (
+        isinstance(chunk_size, bool)
+        or not isinstance(chunk_size, (int, np.integer))
+        or chunk_size < 1
+    ):
+        raise ValueError(
+            f"Expected chunk_size to be a positive integer, but got {chunk_size!r}. "
+            "Pass the number of examples per forward pass, such as chunk_size=1024."
+        )
 
 
 def iter_batches(
@@ -125,6 +139,22 @@ def _describe(batch: Any) -> str:
     return f"a {type(batch).__name__}"
 
 
+def _real_scalar(value: Any) -> float | None:
+    """Convert a real scalar to a float, or return None for anything else.
+
+    Python and NumPy real numbers count, and so do 0-d arrays and tensors, but
+    booleans do not.
+    """
+    if isinstance(value, (Tensor, np.ndarray)):
+        if value.ndim != 0:
+            return None
+        # item() turns a boolean array or tensor into a bool, rejected below.
+        value = value.item()
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        return None
+    return float(value)
+
+
 def _round_half_up(value: float) -> int:
     # The small margin absorbs float error such as 0.29 * 50 = 14.4999...
     return int(np.floor(value + 0.5 + 1e-9))
@@ -142,7 +172,8 @@ def corrupt_labels(
 
     Args:
         labels: Class labels of shape (n,), a tensor or a NumPy array.
-        fraction: Fraction of examples to corrupt, in [0, 1].
+        fraction: Fraction of examples to corrupt, in [0, 1]: a Python or NumPy real
+            number, or a 0-d array or tensor.
         seed: Seed of the dedicated NumPy generator that draws the subset and the
             permutation.
 
@@ -151,18 +182,18 @@ def corrupt_labels(
         mask of shape (n,) that marks the drawn examples.
 
     Raises:
-        ValueError: If ``fraction`` is outside [0, 1] or ``labels`` is not 1-D.
+        ValueError: If ``fraction`` is not a real number in [0, 1] (booleans and NaN
+            included) or ``labels`` is not 1-D.
 
     Example:
         >>> noisy, mask = corrupt_labels(torch.tensor([0, 1, 2, 3]), 0.5, seed=0)
     """
-    if (
-        isinstance(fraction, bool)
-        or not isinstance(fraction, (int, float))
-        or not (0.0 <= fraction <= 1.0)
-    ):
+    number = _real_scalar(fraction)
+    # The comparison is False for NaN, so NaN is rejected too.
+    if number is None or not 0.0 <= number <= 1.0:
         raise ValueError(
-            f"Expected fraction to be a float in the [0, 1] range, but got {fraction!r}."
+            f"Expected fraction to be a number in the [0, 1] range, but got "
+            f"{fraction!r}. Pass the fraction of examples to corrupt, such as 0.5."
         )
     array = (
         labels.detach().cpu().numpy()
@@ -175,7 +206,7 @@ def corrupt_labels(
             "class label per example."
         )
     rng = np.random.default_rng(seed)
-    count = _round_half_up(fraction * array.shape[0])
+    count = _round_half_up(number * array.shape[0])
     chosen = np.sort(rng.choice(array.shape[0], size=count, replace=False))
     corrupted = array.copy()
     corrupted[chosen] = array[chosen[rng.permutation(count)]]

@@ -25,6 +25,52 @@ def to_device(inputs: Any, device: torch.device) -> Any:
     return inputs
 
 
+# Tensor methods that convert to each floating-point dtype, for error messages.
+_DTYPE_METHODS = {
+    torch.float64: "double",
+    torch.float32: "float",
+    torch.float16: "half",
+    torch.bfloat16: "bfloat16",
+}
+
+
+def _floating_dtypes(inputs: Any) -> set[torch.dtype]:
+    if isinstance(inputs, Tensor):
+        return {inputs.dtype} if inputs.is_floating_point() else set()
+    if isinstance(inputs, dict):
+        inputs = list(inputs.values())
+    if isinstance(inputs, (tuple, list)):
+        return set().union(*(_floating_dtypes(item) for item in inputs))
+    return set()
+
+
+def _conversion(name: str, dtype: torch.dtype) -> str:
+    method = _DTYPE_METHODS.get(dtype)
+    return f"{name}.{method}()" if method else f"{name}.to({dtype})"
+
+
+def input_dtype_error(model: nn.Module, inputs: Any) -> TypeError | None:
+    """Build the error for floating-point inputs whose dtype differs from the model's.
+
+    Returns None if the dtypes match, or if the inputs or the parameters have no single
+    floating-point dtype. The caller decides whether to raise the error, because a
+    model may cast its own inputs.
+    """
+    parameter_dtypes = {p.dtype for p in model.parameters() if p.is_floating_point()}
+    input_dtypes = _floating_dtypes(inputs)
+    if len(parameter_dtypes) != 1 or len(input_dtypes) != 1:
+        return None
+    (expected,), (given,) = parameter_dtypes, input_dtypes
+    if expected == given:
+        return None
+    return TypeError(
+        f"Expected floating-point inputs of dtype {expected}, the dtype of the model's "
+        f"parameters, but got {given}. Convert the inputs with "
+        f"{_conversion('inputs', expected)} or the model with "
+        f"{_conversion('model', given)}."
+    )
+
+
 def check_logits(logits: Tensor, context: str) -> None:
     """Raise ValueError if any logit is NaN, naming where it happened."""
     if logits.dim() == 0:

@@ -20,7 +20,12 @@ from singledir._model_state import (
     registered_hooks,
 )
 from singledir._outputs import OutputKey, call_model, select_output
-from singledir.data import DataSource, iter_batches, warn_about_loader
+from singledir.data import (
+    DataSource,
+    check_chunk_size,
+    iter_batches,
+    warn_about_loader,
+)
 from singledir.evaluation import to_device
 from singledir.layers import find_layers, validate_layer_names
 
@@ -91,6 +96,7 @@ def _unit_means(
 
         return hook
 
+    check_chunk_size(chunk_size)
     warn_about_loader(data)
     batches = iter_batches(data, chunk_size)
     first = next(batches)

@@ -47,7 +47,12 @@ def _check_classification(logits: Tensor, targets: Tensor) -> None:
             f"Expected logits of shape (batch, classes), but got shape "
             f"{tuple(logits.shape)}. Pass logits_fn to reshape the model output."
         )
-    if targets.dim() != 1 or targets.shape[0] != logits.shape[0]:
+    if targets.dim() != 1:
+        raise ValueError(
+            "Expected targets of shape (batch,), one class index per example, but got a "
+            f"batch of shape {tuple(targets.shape)}. {_targets_fix(targets)}"
+        )
+    if targets.shape[0] != logits.shape[0]:
         raise ValueError(
             f"Targets do not match the logits: logits of shape {tuple(logits.shape)} but "
             f"targets of shape {tuple(targets.shape)}. Pass one class index per example."
@@ -69,6 +74,14 @@ def _check_classification(logits: Tensor, targets: Tensor) -> None:
             f"Target {bad} is out of range for a model with {logits.shape[1]} outputs. "
             f"Pass class indices from 0 to {logits.shape[1] - 1}."
         )
+
+
+def _targets_fix(targets: Tensor) -> str:
+    if targets.dim() == 2 and targets.shape[1] == 1:
+        return "Pass targets.squeeze(1)."
+    if targets.dim() == 2:
+        return "For one-hot targets, pass targets.argmax(1)."
+    return "Pass one class index per example."
 
 
 def topk_correct(logits: Tensor, targets: Tensor, k: int) -> Tensor:
@@ -96,6 +109,9 @@ def _topk_metric(k: int) -> Metric:
 
     def group_sums(logits: Tensor, targets: Tensor) -> Tensor:
         groups, batch = logits.shape[0], logits.shape[1]
+        # Checked on one group first, because repeating targets of the wrong shape
+        # fails with a torch error that does not name the targets.
+        _check_classification(logits[0], targets)
         flat = logits.reshape(groups * batch, *logits.shape[2:])
         correct = topk_correct(flat, targets.to(logits.device).repeat(groups), k)
         return correct.view(groups, batch).sum(dim=1).cpu().double()

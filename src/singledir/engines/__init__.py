@@ -71,6 +71,19 @@ def _max_difference(
         )
     if ours.shape != theirs.shape:
         return float("inf")
+    # A NaN that both engines produce is the model's own, and scoring reports it with
+    # the set that caused it. A NaN in one engine only is a disagreement.
+    ours_nan, theirs_nan = torch.isnan(ours), torch.isnan(theirs)
+    if bool((ours_nan != theirs_nan).any()):
+        return float("inf")
+    ours = ours.masked_fill(ours_nan, 0.0)
+    theirs = theirs.masked_fill(theirs_nan, 0.0)
+    finite = torch.isfinite(theirs)
+    if bool((ours[~finite] != theirs[~finite]).any()):
+        return float("inf")
+    ours, theirs = ours[finite], theirs[finite]
+    if theirs.numel() == 0:
+        return 0.0
     scale = max(float(theirs.abs().max()), 1.0)
     return float((ours - theirs).abs().max()) / scale
 

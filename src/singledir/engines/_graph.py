@@ -39,12 +39,17 @@ class SplitModel:
         suffix: Takes the ``carried`` values, in order, and returns the model's output.
         carried: Names of the values that cross the cut; the last is the cut node's.
         cut_target: Module name of the cut node.
+        batched: For each carried value, whether it depends on the model's inputs.
+            Values that do not, such as a parameter transformed in ``forward``, must
+            not be repeated per unit set even when their first dimension happens to
+            equal the batch size.
     """
 
     prefix: fx.GraphModule
     suffix: fx.GraphModule
     carried: list[str]
     cut_target: str
+    batched: list[bool]
 
 
 def trace(model: nn.Module, leaves: Sequence[str]) -> fx.GraphModule:
@@ -61,6 +66,17 @@ def module_nodes(traced: fx.GraphModule, target: str) -> list[fx.Node]:
     return [
         n for n in traced.graph.nodes if n.op == "call_module" and n.target == target
     ]
+
+
+def _input_dependent(nodes: Sequence[fx.Node]) -> set[fx.Node]:
+    """Return the nodes among ``nodes``, in graph order, computed from a placeholder."""
+    dependent: set[fx.Node] = set()
+    for node in nodes:
+        if node.op == "placeholder" or any(
+            source in dependent for source in node.all_input_nodes
+        ):
+            dependent.add(node)
+    return dependent
 
 
 def split_after(
@@ -101,11 +117,13 @@ def split_after(
     prefix = fx.GraphModule(traced, prefix_graph)
     prefix.graph.eliminate_dead_code()
     prefix.recompile()
+    dependent = _input_dependent(before)
     return SplitModel(
         prefix=prefix,
         suffix=fx.GraphModule(traced, suffix_graph),
         carried=[n.name for n in carried],
         cut_target=str(cut.target),
+        batched=[n in dependent for n in carried],
     )
 
 

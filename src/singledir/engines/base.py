@@ -79,8 +79,14 @@ class Engine:
         """
         raise NotImplementedError
 
-    def score_sets(self, sets: Sequence[np.ndarray], context: str = "") -> np.ndarray:
-        """Return the score of each unit set over the whole dataset, shape (len(sets),)."""
+    def score_sets(
+        self, sets: Sequence[np.ndarray], context: str | Sequence[str] = ""
+    ) -> np.ndarray:
+        """Return the score of each unit set over the whole dataset, shape (len(sets),).
+
+        ``context`` ends error messages about a set: one string for every set, or one
+        per set, such as the ordering the set belongs to.
+        """
         m = self.measurement
         device = model_device(m.model)
         totals = np.zeros(len(sets), dtype=np.float64)
@@ -95,10 +101,12 @@ class Engine:
                 has_nan = torch.isnan(grouped.reshape(groups, -1)).any(dim=1)
                 if bool(has_nan.any()):
                     offset = int(has_nan.nonzero()[0, 0])
-                    ablated = len(sets[first + offset])
+                    position = first + offset
+                    ablated = len(sets[position])
+                    label = context if isinstance(context, str) else context[position]
                     check_logits(
                         grouped[offset],
-                        f"with {ablated} of {m.total_units} units ablated{context}",
+                        f"with {ablated} of {m.total_units} units ablated{label}",
                     )
                 sums = m.metric.group_sums(grouped, targets.to(logits.device))
                 totals[first : first + groups] += sums.numpy()

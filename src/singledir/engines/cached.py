@@ -166,7 +166,8 @@ class PrefixEngine(Engine):
                     cache_key=(first, stop),
                 )
                 arguments = [
-                    _repeat(value, len(group), batch) for value in carried[:-1]
+                    _repeat(value, len(group), batch) if batched else value
+                    for value, batched in zip(carried[:-1], self.split.batched)
                 ]
                 arguments.append(self._cut_value(state, carried, batch, group, first))
                 output = self.split.suffix(*arguments)
@@ -175,7 +176,9 @@ class PrefixEngine(Engine):
             m.clamp.folded = set()
             m.clamp.set_units({})
 
-    def score_sets(self, sets: Sequence[np.ndarray], context: str = "") -> np.ndarray:
+    def score_sets(
+        self, sets: Sequence[np.ndarray], context: str | Sequence[str] = ""
+    ) -> np.ndarray:
         # Pass plans are cached per call, because every chunk repeats the same passes.
         self._plans: dict[Any, Any] = {}
         self.measurement.clamp.clear_cache()

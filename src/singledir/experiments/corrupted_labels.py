@@ -9,6 +9,7 @@ more the network must memorize, and the faster its curve is expected to fall.
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -26,7 +27,7 @@ from singledir.data import corrupt_labels
 from singledir.datasets import DATASETS, load_split
 from singledir.experiments._files import save_figure, write_csv, write_json
 from singledir.models import mlp
-from singledir.provenance import derive_seed, environment_info
+from singledir.provenance import derive_seed, environment_info, utc_now
 from singledir.training import EpochRecord, TrainConfig, train
 
 logger = logging.getLogger(__name__)
@@ -51,34 +52,78 @@ class CorruptedLabelsConfig:
 
     def validate(self) -> None:
         """Raise ValueError on the first invalid setting, before any training."""
-        if not self.fractions:
-            raise ValueError("Expected at least one corruption fraction, but got none.")
-        if len(set(self.fractions)) != len(self.fractions):
+        self._validate_fractions()
+        if not self.hidden or min(self.hidden) < 1:
             raise ValueError(
-                f"Expected distinct corruption fractions, but got {list(self.fractions)}."
+                "Expected hidden to be one or more positive layer widths, but got "
+                f"{tuple(self.hidden)}. Pass widths such as (512, 512)."
             )
-        for fraction in self.fractions:
-            if not 0.0 <= fraction <= 1.0:
-                raise ValueError(
-                    f"Expected every corruption fraction to be in the [0, 1] range, but "
-                    f"got {fraction}."
-                )
         if self.dataset not in DATASETS:
             raise ValueError(
                 f"Unknown dataset {self.dataset!r}. Choose one of: {', '.join(DATASETS)}."
             )
         if self.orderings < 1:
             raise ValueError(
-                f"Expected orderings to be at least 1, but got {self.orderings}."
+                f"Expected orderings to be at least 1, but got {self.orderings}. Pass a "
+                "positive number of orderings, such as 10."
             )
         if self.points < 2:
             raise ValueError(
-                f"Expected points to be at least 2, but got {self.points}."
+                f"Expected points to be at least 2, but got {self.points}. Pass at least "
+                "2, so that the curve covers both no units and all units ablated."
+            )
+        self._validate_training()
+
+    def _validate_fractions(self) -> None:
+        if not self.fractions:
+            raise ValueError(
+                "Expected at least one corruption fraction, but got none. Pass "
+                "fractions such as (0.0, 0.5, 1.0)."
+            )
+        if len(set(self.fractions)) != len(self.fractions):
+            raise ValueError(
+                f"Expected distinct corruption fractions, but got {list(self.fractions)}. "
+                "Pass each fraction once."
+            )
+        for fraction in self.fractions:
+            # The comparison is False for NaN, so NaN is rejected too.
+            if not 0.0 <= fraction <= 1.0:
+                raise ValueError(
+                    f"Expected every corruption fraction to be in the [0, 1] range, but "
+                    f"got {fraction}. Pass fractions from 0 (no labels shuffled) to 1 "
+                    "(all shuffled)."
+                )
+
+    def _validate_training(self) -> None:
+        if self.test_size < 1:
+            raise ValueError(
+                f"Expected test_size to be at least 1, but got {self.test_size}. Pass "
+                "the number of examples to hold out, such as 1000."
+            )
+        if self.train_size is not None and self.train_size < 1:
+            raise ValueError(
+                "Expected train_size to be None or at least 1, but got "
+                f"{self.train_size}. Pass None to train on the whole training split."
+            )
+        if self.max_epochs < 1:
+            raise ValueError(
+                f"Expected max_epochs to be at least 1, but got {self.max_epochs}. Pass "
+                "a positive number of epochs, such as 100."
             )
         if not 0.0 < self.target_train_accuracy <= 1.0:
             raise ValueError(
                 "Expected the target training accuracy to be in the (0, 1] range, but got "
-                f"{self.target_train_accuracy}."
+                f"{self.target_train_accuracy}. Pass an accuracy such as 0.99."
+            )
+        if self.batch_size < 1:
+            raise ValueError(
+                f"Expected batch_size to be at least 1, but got {self.batch_size}. Pass a "
+                "positive training batch size, such as 128."
+            )
+        if not (self.lr > 0 and math.isfinite(self.lr)):
+            raise ValueError(
+                f"Expected lr to be a positive finite number, but got {self.lr}. Pass a "
+                "learning rate such as 0.001."
             )
 
 
@@ -208,7 +253,11 @@ def plot_curves(result: CorruptedLabelsResult) -> Any:
 
 
 def _write_outputs(
-    result: CorruptedLabelsResult, out: Path, started: float, finished: bool
+    result: CorruptedLabelsResult,
+    out: Path,
+    started: float,
+    started_utc: str,
+    finished: bool,
 ) -> None:
     summary = result.summary()
     write_csv(out / "summary.csv", summary)
@@ -229,6 +278,7 @@ def _write_outputs(
                 for trial in result.trials
             },
             "environment": environment_info(),
+            "started_utc": started_utc,
             "seconds": time.perf_counter() - started,
         },
     )
@@ -248,6 +298,7 @@ def run_corrupted_labels(
     """
     config.validate()
     started = time.perf_counter()
+    started_utc = utc_now()
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     split = load_split(config.dataset, test_size=config.test_size, seed=config.seed)
@@ -278,6 +329,6 @@ def run_corrupted_labels(
         trial = _train_trial(config, fraction, split, callback)
         result.trials.append(trial)
         logger.info("Corruption %g: AUC %.4f", fraction, trial.curve.auc)
-        _write_outputs(result, out, started, finished=False)
-    _write_outputs(result, out, started, finished=True)
+        _write_outputs(result, out, started, started_utc, finished=False)
+    _write_outputs(result, out, started, started_utc, finished=True)
     return result
