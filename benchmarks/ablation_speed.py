@@ -3,7 +3,7 @@
 Every timed run happens in its own subprocess, so that its peak resident memory is its
 own. Ratios compare runs of this one invocation on this one machine. Where the naive
 engine would take too long, it runs on a subset of the points or orderings and its time
-is scaled by the number of forward passes; the table says so in the "naive scaled" rows.
+is scaled by the number of forward passes. The table marks such rows "scaled".
 
 Usage: python benchmarks/ablation_speed.py [--quick] [--json FILE]
 """
@@ -14,7 +14,6 @@ import argparse
 import json
 import os
 import platform
-import resource
 import subprocess
 import sys
 import tempfile
@@ -27,6 +26,7 @@ import torch
 import singledir
 from singledir.datasets import load_split
 from singledir.models import CNN11_LAYERS, cnn11
+from singledir.provenance import cpu_model
 
 SEED = 0
 
@@ -69,6 +69,21 @@ def rss_bytes() -> int:
         return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
+def reset_peak_rss() -> None:
+    """Reset the kernel's peak resident memory of this process (Linux 4.0 and newer)."""
+    with open("/proc/self/clear_refs", "w") as handle:
+        handle.write("5")
+
+
+def peak_rss_bytes() -> int:
+    """Return the peak resident memory since the last ``reset_peak_rss``."""
+    with open("/proc/self/status") as handle:
+        for line in handle:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError("/proc/self/status has no VmHWM line.")
+
+
 def child(spec: dict) -> dict:
     """Run one timed measurement described by ``spec`` and return its numbers."""
     if spec["model"] == "mlp":
@@ -81,7 +96,9 @@ def child(spec: dict) -> dict:
         model, (inputs, targets) = conv_setup()
         layers = list(CNN11_LAYERS)
     data = (inputs, targets)
+    # Peak memory is measured over the timed call alone, not over loading the data.
     before = rss_bytes()
+    reset_peak_rss()
     started = time.perf_counter()
     if spec["task"] == "curve":
         curve = singledir.ablation_curve(
@@ -104,7 +121,7 @@ def child(spec: dict) -> dict:
     else:
         result = {"drops": captum_drops(model, data), "engine_used": "captum"}
     seconds = time.perf_counter() - started
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    peak = peak_rss_bytes()
     return {**result, "seconds": seconds, "peak_bytes": peak, "before_bytes": before}
 
 
@@ -230,16 +247,18 @@ def main(quick: bool) -> list[dict]:
         )
 
         # 4. Configuration 2 on the data repeated four times: memory of the curve itself.
+        memory = []
         for repeat in (1, 4):
             result = run(
                 {
                     **mlp,
-                    "orderings": 2,
+                    "orderings": orderings,
                     "points": 51,
                     "engine": "auto",
                     "repeat": repeat,
                 }
             )
+            memory.append(result)
             rows.append(
                 {
                     "config": f"4: MLP, 51 points, data x{repeat}",
@@ -250,6 +269,7 @@ def main(quick: bool) -> list[dict]:
                     "peak_mib": result["peak_bytes"] / 2**20,
                     "curve_mib": (result["peak_bytes"] - result["before_bytes"])
                     / 2**20,
+                    "peak_growth": result["peak_bytes"] / memory[0]["peak_bytes"] - 1,
                 }
             )
 
@@ -279,7 +299,8 @@ def main(quick: bool) -> list[dict]:
 
 def print_table(rows: list[dict]) -> None:
     print(
-        f"# {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}"
+        f"# {cpu_model()}, {os.cpu_count()} logical CPUs, {torch.get_num_threads()} "
+        f"torch threads, torch {torch.__version__}, Python {platform.python_version()}"
     )
     header = f"{'configuration':<28} {'engine':<20} {'seconds':>9} {'ratio':>8} {'max acc diff':>13} {'peak MiB':>9}"
     print(header)
@@ -289,7 +310,12 @@ def print_table(rows: list[dict]) -> None:
             f"{row['config']:<28} {row['engine']:<20} {row['seconds']:>9.2f} "
             f"{row['ratio']:>8.2f} {row['max_accuracy_difference']:>13.2g} "
             f"{row['peak_mib']:>9.0f}"
-            + (f"  (curve {row['curve_mib']:.0f} MiB)" if "curve_mib" in row else "")
+            + (
+                f"  (curve {row['curve_mib']:.0f} MiB, peak {row['peak_growth']:+.1%}"
+                " against data x1)"
+                if "curve_mib" in row
+                else ""
+            )
         )
 
 
