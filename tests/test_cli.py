@@ -430,3 +430,57 @@ def test_curve_command_writes_started_time(tmp_path):
     assert before - datetime.timedelta(seconds=1) <= started
     assert started <= datetime.datetime.fromisoformat(run["environment"]["time_utc"])
     assert_hardware_fields(run["environment"])
+
+
+def test_spearman_p_exact_for_few_points():
+    from itertools import permutations
+
+    from scipy import stats
+
+    from singledir.experiments.corrupted_labels import spearman_with_p
+
+    fractions = np.array([0.0, 0.2, 0.4, 0.6, 0.8, 1.0])
+    aucs = np.array([0.86, 0.70, 0.67, 0.63, 0.59, 0.57])
+    rho, p_value = spearman_with_p(fractions, aucs)
+    assert rho == -1.0
+    # Of the 720 pairings, only the two perfect ones reach |rho| = 1.
+    assert p_value == pytest.approx(2 / 720, rel=1e-12)
+
+    # Against a naive enumeration, with a tie-free but imperfect ordering.
+    aucs = np.array([0.86, 0.63, 0.70, 0.59, 0.67, 0.57])
+    rho, p_value = spearman_with_p(fractions, aucs)
+    observed = stats.spearmanr(fractions, aucs).statistic
+    extreme = sum(
+        abs(stats.spearmanr(list(order), aucs).statistic) >= abs(observed) - 1e-12
+        for order in permutations(fractions)
+    )
+    assert rho == pytest.approx(observed)
+    assert p_value == pytest.approx(extreme / 720, rel=1e-12)
+
+
+def test_run_json_is_strict_json(tmp_path):
+    from singledir.experiments._files import write_json
+
+    path = tmp_path / "run.json"
+    write_json(path, {"rho": float("nan"), "values": [1.0, float("inf")], "n": 2})
+    text = path.read_text()
+    assert "NaN" not in text
+    assert "Infinity" not in text
+    assert json.loads(text) == {"rho": None, "values": [1.0, None], "n": 2}
+
+
+def test_progress_off_when_not_a_terminal(tmp_path, capsys, monkeypatch):
+    from singledir import cli
+
+    seen = []
+    original = cli._progress_reporter
+
+    def record(enabled):
+        seen.append(enabled)
+        return original(enabled)
+
+    monkeypatch.setattr(cli, "_progress_reporter", record)
+    arguments = [a for a in SMALL_RUN if a != "--no-progress"]
+    assert main([*arguments, "--fractions", "0", "--out", str(tmp_path / "run")]) == 0
+    # pytest captures standard error, so it is not a terminal here.
+    assert seen == [False]

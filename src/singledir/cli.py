@@ -118,8 +118,8 @@ def _add_curve_options(parser: argparse.ArgumentParser, default_points: int) -> 
     parser.add_argument(
         "--progress",
         action=argparse.BooleanOptionalAction,
-        default=True,
-        help="show progress bars (default: on)",
+        default=None,
+        help="show progress bars (default: on when standard error is a terminal)",
     )
 
 
@@ -297,7 +297,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--engine",
         choices=ENGINES,
         default="auto",
-        help="how the curve is computed; every engine gives the same result (default: auto)",
+        help="how the curve is computed; every engine gives the naive engine's result up to float rounding (default: auto)",
     )
     _add_curve_options(curve, default_points=51)
     curve.set_defaults(handler=_run_curve)
@@ -588,6 +588,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.subcommands[args.command].error(
             f"unrecognized arguments: {' '.join(extra)}"
         )
+    if getattr(args, "progress", False) is None:
+        # Progress bars redraw with control codes, which clutter logs and CI output.
+        args.progress = sys.stderr.isatty()
     logging.basicConfig(
         level=logging.INFO if args.verbose else logging.WARNING,
         format="%(levelname)s %(name)s: %(message)s",

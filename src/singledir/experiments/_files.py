@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 from pathlib import Path
 from typing import Any
@@ -22,7 +23,21 @@ def write_csv(path: Path, frame: pd.DataFrame) -> None:
 
 
 def write_json(path: Path, payload: dict[str, Any]) -> None:
-    write_atomic(path, json.dumps(payload, indent=2, default=_jsonable) + "\n")
+    """Write ``payload`` as strict JSON: NaN and infinities become null."""
+    text = json.dumps(_finite(payload), indent=2, default=_jsonable, allow_nan=False)
+    write_atomic(path, text + "\n")
+
+
+def _finite(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {key: _finite(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(item) for item in value]
+    if hasattr(value, "tolist"):
+        return _finite(value.tolist())
+    return value
 
 
 def _jsonable(value: Any) -> Any:
