@@ -175,7 +175,7 @@ def curve_rows(
     """Time naive, prefix and incremental on ``base``.
 
     ``subsets`` maps an engine to (settings that override ``base``, factor its time is
-    scaled by), for engines run on fewer points or orderings than ``base`` asks for.
+    scaled by), for engines run on fewer points or orderings than ``base`` requests.
     """
     rows = []
     naive_spec, naive_scale = subsets.get("naive", ({}, 1.0))

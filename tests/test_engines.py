@@ -424,7 +424,7 @@ def test_orderings_per_pass_rejected(bad):
 
 @pytest.mark.parametrize("engine", ["naive", "prefix", "incremental"])
 def test_engine_memory_bounded_by_chunk(engine):
-    # The largest batch any layer sees depends on the chunk size, not the dataset size.
+    # The largest batch any layer receives depends on the chunk size, not the data size.
     model = random_mlp(seed=9)
     seen = {"fc1": 0, "relu2": 0}
 

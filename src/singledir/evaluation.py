@@ -13,16 +13,21 @@ from singledir._outputs import call_model, extract_logits
 from singledir.metrics import Metric
 
 
-def to_device(inputs: Any, device: torch.device) -> Any:
+def map_tensors(inputs: Any, function: Callable[[Tensor], Any]) -> Any:
+    """Apply ``function`` to every tensor in nested tuples, lists and dicts of inputs."""
     if isinstance(inputs, Tensor):
-        return inputs.to(device)
+        return function(inputs)
     if isinstance(inputs, tuple) and hasattr(inputs, "_fields"):
-        return type(inputs)(*(to_device(item, device) for item in inputs))
+        return type(inputs)(*(map_tensors(item, function) for item in inputs))
     if isinstance(inputs, (tuple, list)):
-        return type(inputs)(to_device(item, device) for item in inputs)
+        return type(inputs)(map_tensors(item, function) for item in inputs)
     if isinstance(inputs, dict):
-        return {key: to_device(item, device) for key, item in inputs.items()}
+        return {key: map_tensors(item, function) for key, item in inputs.items()}
     return inputs
+
+
+def to_device(inputs: Any, device: torch.device) -> Any:
+    return map_tensors(inputs, lambda tensor: tensor.to(device))
 
 
 # Tensor methods that convert to each floating-point dtype, for error messages.

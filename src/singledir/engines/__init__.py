@@ -18,6 +18,7 @@ from singledir.engines._graph import SplitError
 from singledir.engines.base import Engine, Measurement, split_pooled
 from singledir.engines.cached import IncrementalEngine, PrefixEngine
 from singledir.engines.naive import NaiveEngine
+from singledir.evaluation import map_tensors
 
 logger = logging.getLogger(__name__)
 
@@ -42,25 +43,12 @@ def _probe_sets(total: int) -> list[np.ndarray]:
     return [*nested, order[: max(total // 4, 1)]]
 
 
-def _head(inputs: Any, rows: int) -> Any:
-    """Return the first ``rows`` examples of a batch of inputs."""
-    if isinstance(inputs, torch.Tensor):
-        return inputs[:rows]
-    if isinstance(inputs, tuple) and hasattr(inputs, "_fields"):
-        return type(inputs)(*(_head(item, rows) for item in inputs))
-    if isinstance(inputs, (tuple, list)):
-        return type(inputs)(_head(item, rows) for item in inputs)
-    if isinstance(inputs, dict):
-        return {key: _head(item, rows) for key, item in inputs.items()}
-    return inputs
-
-
 def _max_difference(
     engine: Engine, reference: Engine, inputs: Any, batch: int
 ) -> float:
     # A few dozen examples exercise every code path, at a small fraction of the cost.
     batch = min(batch, _PROBE_EXAMPLES)
-    inputs = _head(inputs, batch)
+    inputs = map_tensors(inputs, lambda tensor: tensor[:batch])
     sets = _probe_sets(engine.measurement.total_units)
     with torch.no_grad():
         ours = torch.cat(
