@@ -136,13 +136,19 @@ class UnitClamp:
         parsed groups and their masks are kept under that key and reused, until
         ``clear_cache``.
         """
-        if cache_key is not None and cache_key in self._cache:
-            self._groups, self._masks = self._cache[cache_key]
+        if cache_key is not None and self.restore_groups(cache_key):
             return
         self._set_groups(groups)
         if cache_key is not None:
             # The mask dict is shared, so masks built later are cached too.
             self._cache[cache_key] = (self._groups, self._masks)
+
+    def restore_groups(self, cache_key: Any) -> bool:
+        """Reuse the groups cached under ``cache_key``; return whether there were any."""
+        if cache_key not in self._cache:
+            return False
+        self._groups, self._masks = self._cache[cache_key]
+        return True
 
     def clear_cache(self) -> None:
         self._cache = {}

@@ -92,7 +92,14 @@ def topk_correct(logits: Tensor, targets: Tensor, k: int) -> Tensor:
     grows. ``k`` larger than the number of classes counts every example as correct.
     """
     _check_classification(logits, targets)
-    targets = targets.to(logits.device).long()
+    return _topk_correct(logits, targets.to(logits.device).long(), k)
+
+
+def _topk_correct(logits: Tensor, targets: Tensor, k: int) -> Tensor:
+    """Compute ``topk_correct`` on checked logits and int64 targets on their device."""
+    if k == 1:
+        # argmax returns the first of tied maxima, the same tie rule as below.
+        return logits.argmax(dim=1) == targets
     target_logits = logits.gather(1, targets.unsqueeze(1))
     classes = torch.arange(logits.shape[1], device=logits.device).unsqueeze(0)
     higher = (logits > target_logits).sum(dim=1)
@@ -109,11 +116,12 @@ def _topk_metric(k: int) -> Metric:
 
     def group_sums(logits: Tensor, targets: Tensor) -> Tensor:
         groups, batch = logits.shape[0], logits.shape[1]
-        # Checked on one group first, because repeating targets of the wrong shape
-        # fails with a torch error that does not name the targets.
+        # Checked on one group, before repeating, because repeating targets of the
+        # wrong shape fails with a torch error that does not name the targets.
         _check_classification(logits[0], targets)
         flat = logits.reshape(groups * batch, *logits.shape[2:])
-        correct = topk_correct(flat, targets.to(logits.device).repeat(groups), k)
+        repeated = targets.to(logits.device).long().repeat(groups)
+        correct = _topk_correct(flat, repeated, k)
         return correct.view(groups, batch).sum(dim=1).cpu().double()
 
     return Metric("accuracy" if k == 1 else f"top{k}", batch_sum, group_sums)

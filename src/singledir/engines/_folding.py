@@ -101,8 +101,11 @@ class MaskedConsumer(nn.Module):
         if self.consumer.bias is not None:
             bias = bias + self.consumer.bias
         grouped = inputs.reshape(groups, -1, inputs.shape[-1])
-        masked = weight.T.unsqueeze(0) * keep.unsqueeze(2)
-        result = torch.baddbmm(bias.unsqueeze(1), grouped, masked)
+        masked = weight.unsqueeze(0) * keep.unsqueeze(1)
+        # (groups, out, in) @ (groups, in, rows) runs about twice as fast on the CPU as
+        # the (rows, in) @ (in, out) orientation when out is as small as a class count.
+        product = torch.bmm(masked, grouped.transpose(1, 2))
+        result = (product + bias.unsqueeze(2)).transpose(1, 2)
         return result.reshape(*inputs.shape[:-1], weight.shape[0])
 
     def _conv(self, inputs: Tensor, keep: Tensor, fill: Tensor, groups: int) -> Tensor:

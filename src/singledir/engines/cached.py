@@ -84,6 +84,8 @@ class PrefixEngine(Engine):
         self.first_layer = first_ablated_node(self.traced, names)
         self.first_name = str(self.first_layer.target)
         self.pass_bytes = pass_bytes
+        # Per-layer units of each set, by position in the sets being scored.
+        self._splits: dict[int, dict[str, np.ndarray]] = {}
         self.split = self._make_split()
         self.folded = self._fold(cut_layer=self._cut_layer())
 
@@ -161,10 +163,15 @@ class PrefixEngine(Engine):
             m.clamp.folded = self.folded
             for first, stop in self._passes(carried, sets):
                 group = sets[first:stop]
-                m.clamp.set_groups(
-                    [split_pooled(pooled, m.layers) for pooled in group],
-                    cache_key=(first, stop),
-                )
+                # Every chunk scores the same passes, so only the first splits the sets.
+                if not m.clamp.restore_groups((first, stop)):
+                    m.clamp.set_groups(
+                        [
+                            self._split(first + row, pooled)
+                            for row, pooled in enumerate(group)
+                        ],
+                        cache_key=(first, stop),
+                    )
                 arguments = [
                     _repeat(value, len(group), batch) if batched else value
                     for value, batched in zip(carried[:-1], self.split.batched)
@@ -176,16 +183,27 @@ class PrefixEngine(Engine):
             m.clamp.folded = set()
             m.clamp.set_units({})
 
+    def _split(self, position: int, pooled: np.ndarray) -> dict[str, np.ndarray]:
+        """Return ``split_pooled`` of the set at ``position``, computed once per call."""
+        split = self._splits.get(position)
+        if split is None:
+            split = split_pooled(pooled, self.measurement.layers)
+            self._splits[position] = split
+        return split
+
     def score_sets(
         self, sets: Sequence[np.ndarray], context: str | Sequence[str] = ""
     ) -> np.ndarray:
-        # Pass plans are cached per call, because every chunk repeats the same passes.
+        # Pass plans and split sets are cached per call, because every chunk repeats
+        # the same passes.
         self._plans: dict[Any, Any] = {}
+        self._splits = {}
         self.measurement.clamp.clear_cache()
         try:
             return super().score_sets(sets, context)
         finally:
             self._plans = {}
+            self._splits = {}
             self.measurement.clamp.clear_cache()
 
 
@@ -214,10 +232,9 @@ class IncrementalEngine(PrefixEngine):
         plans = getattr(self, "_plans", {})
         if key in plans:
             return plans[key]
-        layers = self.measurement.layers
         passes, first, distinct, previous = [], 0, 0, None
         for row, pooled in enumerate(sets):
-            units = split_pooled(pooled, layers)[self.first_name]
+            units = self._split(row, pooled)[self.first_name]
             new = previous is None or not np.array_equal(units, previous)
             full = row - first >= MAX_SETS_PER_PASS or (new and distinct == replicas)
             if row > first and full:
@@ -310,6 +327,11 @@ class IncrementalEngine(PrefixEngine):
                 self.first_name, self.first_units, activation
             ),
         }
+        if isinstance(self.consumer, nn.Linear):
+            # Units as rows, so each update gathers contiguous rows, not strided columns.
+            state["units_first"] = activation.reshape(
+                -1, self.first_units
+            ).T.contiguous()
         return state, carried
 
     def _contribution(self, state: dict, units: np.ndarray) -> Tensor:
@@ -333,7 +355,7 @@ class IncrementalEngine(PrefixEngine):
     def _plan(
         self,
         group: Sequence[np.ndarray],
-        key: Any,
+        first: int,
         applied: np.ndarray,
         device: torch.device,
     ) -> Any:
@@ -345,14 +367,14 @@ class IncrementalEngine(PrefixEngine):
         ``sources`` maps every set in the group to the step that computes its consumer
         output. The plan also returns the units applied when the pass ends.
         """
+        key = (first, len(group))
         plans = getattr(self, "_plans", {})
         if key in plans:
             return plans[key]
-        layers = self.measurement.layers
         steps, sources, previous = [], [], None
         for row, pooled in enumerate(group):
             target = np.zeros(self.first_units, dtype=bool)
-            target[split_pooled(pooled, layers)[self.first_name]] = True
+            target[self._split(first + row, pooled)[self.first_name]] = True
             if (
                 self.expander is not None
                 and previous is not None
@@ -387,12 +409,12 @@ class IncrementalEngine(PrefixEngine):
         if index.numel() == 0:
             out.copy_(base)
         elif isinstance(self.consumer, nn.Linear):
-            activation = state["activation"]
-            delta = state["fill"][index] - activation.index_select(-1, index)
-            # One fused product-and-add: out = base + delta @ weight[:, index].T.
+            gathered = state["units_first"].index_select(0, index)
+            delta = state["fill"][index].unsqueeze(1) - gathered
+            # One fused product-and-add: out = base + delta.T @ weight[:, index].T.
             torch.addmm(
                 base.reshape(-1, base.shape[-1]),
-                delta.reshape(-1, index.numel()),
+                delta.T,
                 columns,
                 out=out.view(-1, out.shape[-1]),
             )
@@ -409,8 +431,9 @@ class IncrementalEngine(PrefixEngine):
         first: int,
     ) -> Any:
         start = state["start"]
-        key = (first, len(group))
-        steps, sources, applied = self._plan(group, key, state["applied"], start.device)
+        steps, sources, applied = self._plan(
+            group, first, state["applied"], start.device
+        )
         if self.expander is not None:
             self.expander.sources = sources
         buffer = torch.empty(
