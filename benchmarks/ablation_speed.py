@@ -32,7 +32,7 @@ SEED = 0
 
 
 def mnist_all() -> tuple[torch.Tensor, torch.Tensor]:
-    split = load_split("mnist-subset", test_size=1000, seed=SEED)
+    split = load_split("mnist-subset", test_size=1000, seed=SEED).flattened()
     inputs = torch.cat([split.train_inputs, split.test_inputs])
     targets = torch.cat([split.train_targets, split.test_targets])
     return inputs, targets
@@ -40,7 +40,7 @@ def mnist_all() -> tuple[torch.Tensor, torch.Tensor]:
 
 def trained_mlp(path: Path) -> None:
     """Train the 784-512-512-10 MLP for 3 epochs and save its weights to ``path``."""
-    split = load_split("mnist-subset", test_size=1000, seed=SEED)
+    split = load_split("mnist-subset", test_size=1000, seed=SEED).flattened()
     torch.manual_seed(SEED)
     model = singledir.models.mlp(784)
     config = singledir.TrainConfig(epochs=3, target_train_accuracy=None, seed=SEED)

@@ -45,12 +45,17 @@ def test_corrupted_labels_end_to_end(tmp_path, capsys):
     assert f"Wrote {out}" in printed
 
     summary = pd.read_csv(out / "summary.csv")
-    assert list(summary.columns[:5]) == [
+    assert list(summary.columns) == [
         "corruption",
         "train_accuracy",
         "test_accuracy",
+        "generalization_error",
+        "train_loss",
+        "test_loss",
         "auc",
         "auc_std",
+        "relative_auc",
+        "epochs",
     ]
     assert summary["corruption"].tolist() == [0.0, 0.5, 1.0]
     assert summary["auc"].between(0, 1).all()
@@ -74,7 +79,7 @@ def test_corrupted_labels_end_to_end(tmp_path, capsys):
     run = json.loads((out / "run.json").read_text())
     assert run["config"]["hidden"] == [16, 16]
     assert run["finished"] is True
-    assert set(run["seeds"]["0.5"]) == {"corruption", "init", "data_order", "orderings"}
+    assert set(run["seeds"]["corruption 0.5"]) == {"corruption", "init", "data_order", "orderings"}
     environment = run["environment"]
     assert environment["packages"]["torch"] == importlib.metadata.version("torch")
     assert environment["packages"]["torch"] == torch.__version__.split("+")[0]

