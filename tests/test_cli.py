@@ -79,7 +79,12 @@ def test_corrupted_labels_end_to_end(tmp_path, capsys):
     run = json.loads((out / "run.json").read_text())
     assert run["config"]["hidden"] == [16, 16]
     assert run["finished"] is True
-    assert set(run["seeds"]["corruption 0.5"]) == {"corruption", "init", "data_order", "orderings"}
+    assert set(run["seeds"]["corruption 0.5"]) == {
+        "corruption",
+        "init",
+        "data_order",
+        "orderings",
+    }
     environment = run["environment"]
     assert environment["packages"]["torch"] == importlib.metadata.version("torch")
     assert environment["packages"]["torch"] == torch.__version__.split("+")[0]

@@ -141,7 +141,7 @@ def test_experiment_specific_options(captured):
     ("argv", "message"),
     [
         (
-            ["over-training", "--target-accuracy", "2"],
+            ["ensemble", "--target-accuracy", "2"],
             (
                 "argument --target-accuracy: expected a number in (0, 1] or 'none', but "
                 "got 2.0"
@@ -150,8 +150,8 @@ def test_experiment_specific_options(captured):
         (
             ["dropout", "--dropouts", "0.1,1.5"],
             (
-                "argument --dropouts: expected every fraction to be in the [0, 1] range, "
-                "but got 1.5"
+                "argument --dropouts: expected every dropout probability to be in the "
+                "[0, 1) range, but got 1.5"
             ),
         ),
         (
@@ -358,3 +358,13 @@ def test_curve_reads_an_image_folder(tmp_path):
     assert curves["accuracy"].to_numpy() * 6 == pytest.approx(
         np.round(curves["accuracy"].to_numpy() * 6)
     )
+
+
+def test_curve_rejects_an_unknown_device(tmp_path, capsys):
+    argv = ["curve", "--model", "mlp", "--dataset", "digits", "--device", "gpu"]
+    assert main([*argv, "--out", str(tmp_path / "x")]) == 1
+    assert capsys.readouterr().err.endswith(
+        "singledir curve: error: Unknown device 'gpu'. Pass auto, cpu, cuda or "
+        "cuda:N.\n"
+    )
+    assert not (tmp_path / "x").exists()

@@ -609,9 +609,22 @@ def test_bundled_dataset_ignores_data_root(monkeypatch):
     assert len(split.test_targets) == 360
 
 
-def test_bundled_test_size_out_of_range():
-    with raises_exactly(ValueError, "Expected test_size from 1 to 1796, but got 1797."):
-        load_split("digits", test_size=1797)
+@pytest.mark.parametrize("test_size", [1797, 1788, 9, 0.2])
+def test_bundled_test_size_out_of_range(test_size):
+    message = (
+        "Expected test_size to be a whole number of examples from 10 to 1787, so that "
+        f"every one of the 10 classes is in both splits, but got {test_size!r}."
+    )
+    with raises_exactly(ValueError, message):
+        load_split("digits", test_size=test_size)
+
+
+def test_bundled_split_rejects_negative_seed():
+    message = (
+        "Expected seed to be a non-negative integer, but got -1. Pass a seed such as 0."
+    )
+    with raises_exactly(ValueError, message):
+        load_split("digits", seed=-1)
 
 
 @pytest.mark.parametrize(
@@ -779,3 +792,37 @@ def test_subsample_train_rejects_size(size):
     )
     with raises_exactly(ValueError, message):
         split.subsample_train(size, seed=0)
+
+
+def test_mnist_garbage_file(mnist_files):
+    root, _ = mnist_files
+    (root / "MNIST" / "raw" / "train-images-idx3-ubyte").write_bytes(b"\x00" * 100)
+    with pytest.raises(ValueError) as error:
+        load_split("mnist", data_root=root)
+    assert str(error.value).startswith(
+        f"The MNIST files under '{root}' could not be read ("
+    )
+    assert str(error.value).endswith("). Replace them with the original MNIST files.")
+
+
+def test_mnist_more_images_than_labels(mnist_files):
+    root, (_, train_labels, _, _) = mnist_files
+    raw = root / "MNIST" / "raw"
+    write_idx_labels(raw / "train-labels-idx1-ubyte", train_labels[:8])
+    message = (
+        f"The MNIST files under '{root}' hold 12 images but 8 labels. Replace them "
+        "with the original MNIST files."
+    )
+    with raises_exactly(ValueError, message):
+        load_split("mnist", data_root=root)
+
+
+def test_cifar10_truncated_batch(cifar_files):
+    root, _ = cifar_files
+    path = root / "cifar-10-batches-py" / "data_batch_3"
+    path.write_bytes(path.read_bytes()[:50])
+    with pytest.raises(ValueError) as error:
+        load_split("cifar10", data_root=root)
+    assert str(error.value).startswith(
+        f"The CIFAR-10 files under '{root}' could not be read (UnpicklingError: "
+    )

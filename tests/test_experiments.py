@@ -11,6 +11,7 @@ import re
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 from scipy import stats
 from scipy.integrate import trapezoid
 
@@ -152,9 +153,8 @@ def test_dropout_drop_is_read_at_the_dropout_fraction(tmp_path):
         curve = curves[
             (curves.dropout == row.dropout) & (curves.corruption == row.corruption)
         ]
-        assert sorted(curve["num_ablated"].unique()) == sorted(
-            {0, 5, 10, 15, 20, row.units_at_dropout}
-        )
+        # Every curve has the points of both dropout fractions, one shared grid.
+        assert sorted(curve["num_ablated"].unique()) == [0, 2, 5, 10, 15, 20]
         mean = curve.groupby("num_ablated")["accuracy"].mean()
         assert row.accuracy_at_dropout == pytest.approx(mean[row.units_at_dropout])
         assert row.drop_at_dropout == pytest.approx(
@@ -382,3 +382,70 @@ def test_cuda_device_without_cuda_is_rejected():
         ),
     ):
         EnsembleConfig(device="cuda").validate()
+
+
+def test_dropout_networks_follow_their_seeds(tmp_path):
+    config = DropoutConfig(dropouts=(0.1, 0.3), corruptions=(0.0,), epochs=2, **TINY)
+    torch.manual_seed(1)
+    both = run_dropout(config, tmp_path / "both")
+    torch.manual_seed(2)
+    alone = run_dropout(
+        dataclasses.replace(config, dropouts=(0.3,)), tmp_path / "alone"
+    )
+    # Training draws its dropout masks from the network's own seed, not from the
+    # global random state.
+    assert alone.networks[0].history == both.networks[1].history
+    np.testing.assert_array_equal(
+        alone.networks[0].curve.scores[:, [0, -1]],
+        both.networks[1].curve.scores[:, [0, -1]],
+    )
+
+
+def test_training_leaves_global_random_state(tmp_path):
+    config = DropoutConfig(dropouts=(0.3,), corruptions=(0.0,), epochs=1, **TINY)
+    torch.manual_seed(5)
+    before = torch.random.get_rng_state()
+    run_dropout(config, tmp_path)
+    assert torch.equal(before, torch.random.get_rng_state())
+
+
+def test_batchnorm_pairs_start_from_the_same_weights():
+    from singledir.datasets import load_split
+    from singledir.experiments.batchnorm import _build_pair_member
+
+    config = BatchNormConfig(width=0.0625, dataset="digits", device="cpu")
+    split = load_split("digits")
+    with_norm = _build_pair_member(config, split, 7, batch_norm=True)
+    without = _build_pair_member(config, split, 7, batch_norm=False)
+    plain = dict(without.named_parameters())
+    for name, parameter in with_norm.named_parameters():
+        if name.startswith(("conv", "fc.", "out.")):
+            assert torch.equal(parameter, plain[name]), name
+    assert not any("bn" in name for name in plain)
+
+
+def test_batchnorm_rejects_a_model_without_batch_norm(tmp_path):
+    config = BatchNormConfig(model="vgg11", width=1.0, networks=1, epochs=1, **TINY)
+    with pytest.raises(ValueError) as error:
+        run_batchnorm(config, tmp_path)
+    assert str(error.value) == (
+        "Model 'vgg11' has no batch norm layers, so both groups would be the same "
+        "network. Pick a model with batch norm, such as cnn11, resnet50 or vgg11_bn."
+    )
+
+
+def test_correlation_of_a_constant_is_nan():
+    from singledir.experiments._common import correlations
+
+    result = correlations(np.ones(5), np.arange(5.0), "a")
+    assert all(np.isnan(value) for value in result.values())
+
+
+def test_topk_above_the_class_count_is_rejected(tmp_path):
+    config = EnsembleConfig(networks=3, compared=1, epochs=1, metric="top11", **TINY)
+    with pytest.raises(ValueError) as error:
+        run_ensemble(config, tmp_path)
+    assert str(error.value) == (
+        "top11 counts every example as correct when the model has only 10 outputs, "
+        "so the curve would be flat. Pass a K below 10, or 'accuracy'."
+    )

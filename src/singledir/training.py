@@ -103,6 +103,34 @@ def train(
     """
     config = config or TrainConfig()
     logger.info("Training with %s", asdict(config))
+    # Dropout masks come from the global random state. It is seeded from config.seed
+    # for the run and restored afterwards, so the seed fixes the whole run and the
+    # caller's random state is as before.
+    devices = sorted(
+        {p.device.index or 0 for p in model.parameters() if p.device.type == "cuda"}
+    )
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(config.seed)
+        history = _train_epochs(model, train_data, test_data, config, on_epoch)
+    target = config.target_train_accuracy
+    if target is not None and history[-1].train_accuracy < target:
+        logger.warning(
+            "Training accuracy %.4f is below the target %.4f after %d epochs.",
+            history[-1].train_accuracy,
+            target,
+            config.epochs,
+        )
+    model.eval()
+    return history
+
+
+def _train_epochs(
+    model: nn.Module,
+    train_data: tuple[Tensor, Tensor],
+    test_data: tuple[Tensor, Tensor] | None,
+    config: TrainConfig,
+    on_epoch: Callable[[EpochRecord], None] | None,
+) -> list[EpochRecord]:
     inputs, targets = train_data
     generator = torch.Generator().manual_seed(config.seed)
     optimizer = _make_optimizer(model, config)
@@ -142,5 +170,4 @@ def train(
         target = config.target_train_accuracy
         if target is not None and train_accuracy >= target:
             break
-    model.eval()
     return history

@@ -117,6 +117,11 @@ class NetworkConfig:
             self.train_size,
             "Pass None to train on the whole training split.",
         )
+        if self.seed < 0:
+            raise ValueError(
+                f"Expected seed to be a non-negative integer, but got {self.seed}. Pass "
+                "a seed such as 0."
+            )
         _check_optional_positive(
             "measure_size",
             self.measure_size,
@@ -278,15 +283,7 @@ def fit(
         train_config,
         on_epoch=callback,
     )
-    target = config.target_train_accuracy
-    if target is not None and history[-1].train_accuracy < target:
-        logger.warning(
-            "%s: training accuracy %.4f is below the target %.4f after %d epochs.",
-            name,
-            history[-1].train_accuracy,
-            target,
-            config.epochs,
-        )
+    logger.info("%s: trained for %d epochs", name, len(history))
     return history
 
 
@@ -316,7 +313,7 @@ def measure(
         info.num_units for info in find_layers(model, inputs[:2], layers=layers)
     )
     points = set(resolve_points(config.points, total).tolist())
-    points.update(round(fraction * total) for fraction in fractions)
+    points.update(units_at_fraction(fraction, total) for fraction in fractions)
     return ablation_curve(
         model,
         (inputs, labels),
@@ -327,6 +324,11 @@ def measure(
         points=sorted(points),
         chunk_size=CHUNK_SIZE,
     )
+
+
+def units_at_fraction(fraction: float, total: int) -> int:
+    """Return the number of units nearest to ``fraction`` of ``total``, halves up."""
+    return math.floor(fraction * total + 0.5)
 
 
 @dataclass
@@ -412,7 +414,7 @@ def spearman_with_p(x: np.ndarray, y: np.ndarray) -> tuple[float, float]:
     of ``y`` with ``x``. The t approximation that scipy uses otherwise gives p = 0 for a
     perfect correlation of a few points.
     """
-    if len(x) < 3:
+    if len(x) < 3 or np.ptp(x) == 0 or np.ptp(y) == 0:
         return float("nan"), float("nan")
     result = stats.spearmanr(x, y)
     if len(x) > EXACT_SPEARMAN_MAX:

@@ -3,18 +3,21 @@
 Networks of one topology are trained with and without batch norm, several of each, and
 their cumulative ablation curves are compared, as in Figure 4b of Morcos et al. (ICLR
 2018), where the conv nets with batch norm kept their accuracy longer under ablation.
-The networks of the two groups share their seeds pairwise, so each pair differs only in
-the batch norm layers.
+The networks of the two groups are built in pairs that share their seeds and initial
+weights, so each pair differs only in the batch norm layers and the conv biases that
+batch norm makes redundant.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
+from torch import nn
 
 from singledir.experiments._common import (
     EpochCallback,
@@ -36,6 +39,8 @@ logger = logging.getLogger(__name__)
 
 # Tells this experiment's seeds from those of the other experiments.
 _EXPERIMENT_KEY = 5
+
+_BATCH_NORM_TYPES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
 
 
 @dataclass
@@ -101,6 +106,37 @@ class BatchNormResult:
         return {"groups": groups}
 
 
+def _build_pair_member(
+    config: BatchNormConfig, split: Any, init_seed: int, batch_norm: bool
+) -> nn.Module:
+    """Build one network of a pair. Both members start from the same weights.
+
+    The network without batch norm is built, then given every parameter of its twin
+    with batch norm that has the same name and shape. Only the conv biases, which batch
+    norm makes redundant, keep their own initialization.
+    """
+    with_norm = build_network(config, split, init_seed, batch_norm=True)
+    if not any(
+        isinstance(m, nn.modules.batchnorm._BatchNorm) for m in with_norm.modules()
+    ):
+        raise ValueError(
+            f"Model {config.model!r} has no batch norm layers, so both groups would be "
+            "the same network. Pick a model with batch norm, such as cnn11, resnet50 "
+            "or vgg11_bn."
+        )
+    if batch_norm:
+        return with_norm
+    without_norm = build_network(config, split, init_seed, batch_norm=False)
+    shared = {
+        name: tensor
+        for name, tensor in with_norm.state_dict().items()
+        if name in without_norm.state_dict()
+        and without_norm.state_dict()[name].shape == tensor.shape
+    }
+    without_norm.load_state_dict(shared, strict=False)
+    return without_norm
+
+
 def _train_network(
     config: BatchNormConfig,
     batch_norm: bool,
@@ -108,10 +144,10 @@ def _train_network(
     split: Any,
     on_epoch: EpochCallback | None,
 ) -> NetworkResult:
-    # Both groups use the same seeds for network i.
+    # Both groups use the same seeds, and the same initial weights, for network i.
     seeds = network_seeds(config.seed, _EXPERIMENT_KEY, [index])
     del seeds["corruption"]
-    model = build_network(config, split, seeds["init"], batch_norm=batch_norm)
+    model = _build_pair_member(config, split, seeds["init"], batch_norm)
     labels = split.train_targets
     name = f"batch norm {'on' if batch_norm else 'off'}, network {index}"
     history = fit(config, name, model, split, labels, seeds["data_order"], on_epoch)
@@ -138,9 +174,11 @@ def plot_batchnorm(result: BatchNormResult) -> Any:
             label = None
             if position == 0:
                 group = statistics[key]
+                spread = group["auc_std"]
+                spread_text = "" if math.isnan(spread) else f" ± {spread:.3f}"
                 label = (
                     f"{'with' if batch_norm else 'without'} batch norm "
-                    f"(AUC {group['auc_mean']:.3f} ± {group['auc_std']:.3f})"
+                    f"(AUC {group['auc_mean']:.3f}{spread_text})"
                 )
             ax.plot(curve.fraction, curve.mean, color=color, alpha=0.8, label=label)
             ax.fill_between(

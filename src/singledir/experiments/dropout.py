@@ -36,6 +36,7 @@ from singledir.experiments._common import (
     network_seeds,
     pyplot,
     summary_frame,
+    units_at_fraction,
 )
 
 logger = logging.getLogger(__name__)
@@ -102,7 +103,7 @@ class DropoutResult:
         many ablated, and its drop from the unablated score.
         """
         curve = network.curve
-        units = round(network.labels["dropout"] * curve.total_units)
+        units = units_at_fraction(network.labels["dropout"], curve.total_units)
         index = int(np.flatnonzero(curve.num_ablated == units)[0])
         score = float(curve.mean[index])
         return units, score, curve.unablated_score - score
@@ -139,8 +140,10 @@ def _train_network(
     model = build_network(config, split, seeds["init"], dropout=dropout)
     name = network_name(dropout, corruption)
     history = fit(config, name, model, split, labels, seeds["data_order"], on_epoch)
+    # Every curve gets the points of every dropout fraction, so that the AUCs of one
+    # run integrate over the same grid.
     curve = measure(
-        config, model, split.train_inputs, labels, seeds["orderings"], [dropout]
+        config, model, split.train_inputs, labels, seeds["orderings"], config.dropouts
     )
     return NetworkResult(
         {"dropout": dropout, "corruption": corruption}, seeds, history, curve
@@ -176,7 +179,8 @@ def plot_dropout(result: DropoutResult) -> Any:
             dropout = network.labels["dropout"]
             color = colors[dropout]
             network.curve.plot(ax, label=f"dropout {dropout:g}", color=color)
-            ax.axvline(dropout * network.curve.total_units, color=color, ls="--", lw=1)
+            units = units_at_fraction(dropout, network.curve.total_units)
+            ax.axvline(units, color=color, ls="--", lw=1)
         ax.set_ylim(0, 1.02)
         ax.set_ylabel(f"Training {result.networks[0].curve.metric}")
         ax.set_title(_labels_title(corruption))

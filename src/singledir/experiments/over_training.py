@@ -131,6 +131,8 @@ class OverTrainingResult:
 
 def plot_over_training(result: OverTrainingResult) -> Any:
     plt = pyplot()
+    from matplotlib.ticker import MaxNLocator
+
     summary = result.summary()
     statistics = result.statistics()
     epochs = [record.epoch for record in result.history]
@@ -145,6 +147,7 @@ def plot_over_training(result: OverTrainingResult) -> Any:
     loss_ax.legend()
     for ax in (auc_ax, loss_ax):
         ax.set_xlabel("Epoch")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.axvline(statistics["auc_peak_epoch"], color="black", ls=":", lw=1)
         ax.axvline(
             statistics["lowest_test_loss_epoch"], color="tab:orange", ls="--", lw=1
@@ -155,7 +158,9 @@ def plot_over_training(result: OverTrainingResult) -> Any:
     points = scatter_ax.scatter(
         summary["test_loss"], summary["auc"], c=summary["epoch"], cmap="viridis"
     )
-    figure.colorbar(points, ax=scatter_ax, label="Epoch")
+    colorbar = figure.colorbar(points, ax=scatter_ax, label="Epoch")
+    colorbar.locator = MaxNLocator(integer=True)
+    colorbar.update_ticks()
     scatter_ax.set_xlabel("Test loss")
     scatter_ax.set_ylabel("Normalized AUC")
     scatter_ax.set_title(
