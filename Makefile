@@ -11,7 +11,7 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install --quiet --upgrade pip
 	# torch 2.14.1 and torchvision 0.29.1 are the releases this project is tested on.
 	$(BIN)/pip install --quiet "torch==2.14.1" "torchvision==0.29.1"
-	$(BIN)/pip install --quiet -e ".[vision,dev]"
+	$(BIN)/pip install --quiet -e ".[vision,dev,ray]"
 	touch $(STAMP)
 
 demo: $(STAMP)

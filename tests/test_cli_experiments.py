@@ -39,7 +39,7 @@ def captured(monkeypatch):
 
     configs = []
 
-    def fake_run(config, out, on_epoch=None):
+    def fake_run(config, out, on_epoch=None, **sweep):
         configs.append(config)
         raise _Stop
 

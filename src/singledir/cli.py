@@ -194,6 +194,7 @@ class _Experiment:
     run_name: str
     options: tuple[str, ...]  # experiment-specific config fields set by options
     headline: Any  # result -> lines printed after the summary table
+    sweep: bool = True  # whether its networks run as a resumable sweep
 
     def config_type(self) -> type:
         return getattr(importlib.import_module(self.module), self.config_name)
@@ -302,6 +303,7 @@ def _experiments() -> list[_Experiment]:
             "run_over_training",
             ("every",),
             _over_training_headline,
+            sweep=False,
         ),
         _Experiment(
             "dropout",
@@ -509,13 +511,73 @@ def _add_experiment_options(parser: argparse.ArgumentParser, spec: _Experiment) 
     add("--device", help="auto (cuda when present), cpu, cuda or cuda:N")
     add("--seed", type=int, help="base random seed")
     parser.add_argument(
-        "--out", type=Path, required=True, help="output folder; created if missing"
+        "--out",
+        type=Path,
+        required=True,
+        help="output folder; created if missing"
+        + (
+            ". It keeps a results store, so the same command with the same folder "
+            "resumes the sweep"
+            if spec.sweep
+            else ""
+        ),
     )
     parser.add_argument(
         "--progress",
         action=argparse.BooleanOptionalAction,
         default=None,
         help="show progress bars (default: on when standard error is a terminal)",
+    )
+    if spec.sweep:
+        _add_sweep_options(parser)
+
+
+def _add_sweep_options(parser: argparse.ArgumentParser) -> None:
+    from singledir.sweep import EXECUTORS
+
+    group = parser.add_argument_group("sweep")
+    group.add_argument(
+        "--executor",
+        choices=EXECUTORS,
+        default="local",
+        help="where the networks train: local (this machine) or ray (a Ray cluster) "
+        "(default: local)",
+    )
+    group.add_argument(
+        "--workers",
+        type=_positive_int,
+        default=1,
+        help="local worker processes; 1 trains in this process (default: 1)",
+    )
+    group.add_argument(
+        "--address",
+        default=None,
+        help="Ray cluster to join, such as auto or ray://HOST:10001 (default: start a "
+        "local cluster)",
+    )
+    group.add_argument(
+        "--cpus-per-trial",
+        type=_positive_float,
+        default=1.0,
+        help="CPUs each Ray task asks for; also its torch threads (default: 1)",
+    )
+    group.add_argument(
+        "--gpus-per-trial",
+        type=float,
+        default=0.0,
+        help="GPUs each Ray task asks for, such as 0.5 to share one (default: 0)",
+    )
+    group.add_argument(
+        "--retries",
+        type=int,
+        default=1,
+        help="reruns of a failed network before it counts as failed (default: 1)",
+    )
+    group.add_argument(
+        "--force",
+        action="store_true",
+        help="run changed options in an --out folder that holds a sweep with other "
+        "options; networks whose settings are unchanged keep their results",
     )
 
 
@@ -707,6 +769,18 @@ def build_parser() -> argparse.ArgumentParser:
         "hardware, as JSON.",
     )
     env.set_defaults(handler=_run_env)
+
+    status = commands.add_parser(
+        "status",
+        parents=[common],
+        help="print the progress of a sweep from its results store",
+        description="Print how many networks of a sweep are pending, running, done "
+        "and failed, from the results store in its --out folder.",
+    )
+    status.add_argument(
+        "--out", type=Path, required=True, help="the --out folder of the sweep"
+    )
+    status.set_defaults(handler=_run_status)
     parser.subcommands = commands.choices
     return parser
 
@@ -731,6 +805,49 @@ def _progress_reporter(enabled: bool) -> Any:
     return on_epoch
 
 
+def _sweep_arguments(args: argparse.Namespace) -> dict[str, Any]:
+    from singledir.sweep import make_executor
+
+    if args.retries < 0:
+        raise ValueError(
+            f"Expected --retries to be at least 0, but got {args.retries}. Pass 0 to "
+            "train each network once."
+        )
+    if args.executor == "local" and args.address is not None:
+        raise ValueError("--address applies to --executor ray. Leave it out.")
+    executor = make_executor(
+        args.executor,
+        workers=args.workers,
+        address=args.address,
+        cpus=args.cpus_per_trial,
+        gpus=args.gpus_per_trial,
+    )
+    return {
+        "executor": executor,
+        "retries": args.retries,
+        "force": args.force,
+        "on_trial": _trial_reporter(args.progress),
+    }
+
+
+def _trial_reporter(enabled: bool) -> Any:
+    """Print one line per finished network when progress is off, or update a bar."""
+    bar: list[Any] = []
+
+    def on_trial(done: int, total: int, key: str, status: str) -> None:
+        if enabled:
+            from tqdm.auto import tqdm
+
+            if not bar:
+                bar.append(tqdm(total=total, initial=done - 1, unit="network"))
+            bar[0].update(1)
+            bar[0].set_postfix_str(f"{key}: {status}")
+            return
+        print(f"[{done}/{total}] {key}: {status}", file=sys.stderr, flush=True)
+
+    return on_trial
+
+
 def _run_experiment(args: argparse.Namespace) -> int:
     spec: _Experiment = args.experiment
     given = {
@@ -745,10 +862,17 @@ def _run_experiment(args: argparse.Namespace) -> int:
     base = config_type.paper() if args.preset == "paper" else config_type()
     config = dataclasses.replace(base, **given)
     started = time.perf_counter()
-    result = spec.run()(config, args.out, on_epoch=_progress_reporter(args.progress))
+    sweep: dict[str, Any] = {}
+    if spec.sweep:
+        sweep = _sweep_arguments(args)
+    result = spec.run()(
+        config, args.out, on_epoch=_progress_reporter(args.progress), **sweep
+    )
     print(result.summary().to_string(index=False, float_format=lambda x: f"{x:.4f}"))
     for line in spec.headline(result):
         print(line)
+    if spec.sweep:
+        _print_failed(args.out)
     print(f"Wrote {args.out} in {time.perf_counter() - started:.1f} s")
     return 0
 
@@ -1051,6 +1175,43 @@ def _run_curve(args: argparse.Namespace) -> int:
     return 0
 
 
+def _print_failed(out: Path) -> None:
+    from singledir.sweep.store import open_for_reading
+
+    store = open_for_reading(out)
+    try:
+        failed = [row for row in store.trials() if row.status == "failed"]
+    finally:
+        store.close()
+    for row in failed:
+        last = (row.error or "").strip().splitlines()[-1:] or ["no error text"]
+        print(f"Never succeeded, after {row.attempts} attempts: {row.key}: {last[0]}")
+
+
+def _run_status(args: argparse.Namespace) -> int:
+    from singledir.sweep.store import open_for_reading
+
+    store = open_for_reading(args.out)
+    try:
+        meta = store.meta()
+        rows = store.trials()
+        counts = store.counts()
+    finally:
+        store.close()
+    print(f"{meta['experiment']} sweep in {args.out}: {len(rows)} networks")
+    print(", ".join(f"{count} {status}" for status, count in counts.items()))
+    seconds = [row.seconds for row in rows if row.status == "done" and row.seconds]
+    if seconds:
+        print(f"{sum(seconds) / len(seconds):.1f} s per finished network")
+    for row in rows:
+        if row.status in ("running", "failed"):
+            detail = ""
+            if row.error:
+                detail = ": " + row.error.strip().splitlines()[-1]
+            print(f"  {row.status}: {row.key} ({row.attempts} attempts){detail}")
+    return 0
+
+
 def _run_env(args: argparse.Namespace) -> int:
     from singledir.provenance import environment_info
 
@@ -1078,12 +1239,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         return args.handler(args)
     except KeyboardInterrupt:
         out = getattr(args, "out", None)
-        saved = (
-            f" The files in {out} hold the networks finished so far, and its run.json "
-            "says finished: false."
-            if args.command not in ("curve", "env") and out is not None and out.exists()
-            else ""
-        )
+        saved = ""
+        experiment = getattr(args, "experiment", None)
+        if out is not None and out.exists() and experiment is not None:
+            saved = (
+                f" The results store in {out} keeps every finished network: run the "
+                "same command again to resume."
+                if experiment.sweep
+                else f" The files in {out} hold the epochs measured so far, and its "
+                "run.json says finished: false."
+            )
         print(f"singledir {args.command}: interrupted.{saved}", file=sys.stderr)
         return 130
     except Exception as error:

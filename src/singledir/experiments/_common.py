@@ -223,6 +223,19 @@ def load_data(config: NetworkConfig) -> Split:
     return split
 
 
+def check_metric(config: NetworkConfig, split: Split) -> None:
+    """Raise ValueError if a topK metric asks for more classes than the data has."""
+    metric = config.metric or ""
+    if metric.startswith("top") and metric[3:].isdigit():
+        k = int(metric[3:])
+        if k > split.num_classes:
+            raise ValueError(
+                f"top{k} counts every example as correct when the model has only "
+                f"{split.num_classes} outputs, so the curve would be flat. Pass a K "
+                f"below {split.num_classes}, or 'accuracy'."
+            )
+
+
 def network_seeds(base: int, experiment: int, key: Sequence[int]) -> dict[str, int]:
     """Derive the seeds of one network from the base seed, the experiment and its key."""
     kinds = {"corruption": 1, "init": 2, "data_order": 3, "orderings": 4}
@@ -326,6 +339,20 @@ def measure(
     )
 
 
+def network_name(labels: dict[str, Any]) -> str:
+    """Return a network's name from its labels, such as "dropout 0.1, corruption 1"."""
+    parts = []
+    for key, value in labels.items():
+        if isinstance(value, bool):
+            text = "on" if value else "off"
+        elif isinstance(value, float):
+            text = f"{value:g}"
+        else:
+            text = str(value)
+        parts.append(f"{key.replace('_', ' ')} {text}")
+    return ", ".join(parts)
+
+
 def units_at_fraction(fraction: float, total: int) -> int:
     """Return the number of units nearest to ``fraction`` of ``total``, halves up."""
     return math.floor(fraction * total + 0.5)
@@ -350,10 +377,7 @@ class NetworkResult:
 
     @property
     def name(self) -> str:
-        return ", ".join(
-            f"{key} {value:g}" if isinstance(value, float) else f"{key} {value}"
-            for key, value in self.labels.items()
-        )
+        return network_name(self.labels)
 
     @property
     def train_accuracy(self) -> float:
@@ -367,6 +391,24 @@ class NetworkResult:
     def generalization_error(self) -> float:
         """Training accuracy minus test accuracy, as Morcos et al. (ICLR 2018) define it."""
         return self.train_accuracy - self.test_accuracy
+
+    def to_dict(self) -> dict[str, Any]:
+        """Return the network as plain JSON types; ``from_dict`` reads it back."""
+        return {
+            "labels": self.labels,
+            "seeds": self.seeds,
+            "history": [asdict(record) for record in self.history],
+            "curve": self.curve.to_dict(),
+        }
+
+    @classmethod
+    def from_dict(cls, payload: dict[str, Any]) -> NetworkResult:
+        return cls(
+            labels=dict(payload["labels"]),
+            seeds={key: int(value) for key, value in payload["seeds"].items()},
+            history=[EpochRecord(**record) for record in payload["history"]],
+            curve=AblationCurve.from_dict(payload["curve"]),
+        )
 
     def summary_row(self) -> dict[str, Any]:
         last = self.history[-1]

@@ -27,9 +27,9 @@ from singledir.experiments._common import (
     build_network,
     curves_frame,
     fit,
-    load_data,
     measure,
     network_details,
+    network_name,
     network_seeds,
     pyplot,
     summary_frame,
@@ -116,14 +116,6 @@ def _build_pair_member(
     norm makes redundant, keep their own initialization.
     """
     with_norm = build_network(config, split, init_seed, batch_norm=True)
-    if not any(
-        isinstance(m, nn.modules.batchnorm._BatchNorm) for m in with_norm.modules()
-    ):
-        raise ValueError(
-            f"Model {config.model!r} has no batch norm layers, so both groups would be "
-            "the same network. Pick a model with batch norm, such as cnn11, resnet50 "
-            "or vgg11_bn."
-        )
     if batch_norm:
         return with_norm
     without_norm = build_network(config, split, init_seed, batch_norm=False)
@@ -149,7 +141,7 @@ def _train_network(
     del seeds["corruption"]
     model = _build_pair_member(config, split, seeds["init"], batch_norm)
     labels = split.train_targets
-    name = f"batch norm {'on' if batch_norm else 'off'}, network {index}"
+    name = network_name({"batch_norm": batch_norm, "network": index})
     history = fit(config, name, model, split, labels, seeds["data_order"], on_epoch)
     curve = measure(config, model, split.train_inputs, labels, seeds["orderings"])
     return NetworkResult(
@@ -196,14 +188,79 @@ def plot_batchnorm(result: BatchNormResult) -> Any:
     return figure
 
 
-def _write(result: BatchNormResult, out: OutputFolder, finished: bool) -> None:
-    details = {**network_details(result.networks), **result.statistics()}
-    figure = (lambda: plot_batchnorm(result)) if finished else None
+def check_sweep(config: BatchNormConfig, split: Any) -> None:
+    """Raise ValueError if the model has no batch norm to take away."""
+    model = build_network(config, split, 0, batch_norm=True)
+    if not any(isinstance(m, _BATCH_NORM_TYPES) for m in model.modules()):
+        raise ValueError(
+            f"Model {config.model!r} has no batch norm layers, so both groups would be "
+            "the same network. Pick a model with batch norm, such as cnn11, resnet50 "
+            "or vgg11_bn."
+        )
+
+
+NAME = "batchnorm"
+CONFIG_TYPE = BatchNormConfig
+
+# Options that choose which networks run without changing any of them.
+SWEEP_ONLY_FIELDS = ("networks",)
+
+
+def trial_params(config: BatchNormConfig) -> list[dict[str, Any]]:
+    """Return the settings of each network of the sweep, in order."""
+    return [
+        {"batch_norm": batch_norm, "network": index}
+        for index in range(config.networks)
+        for batch_norm in (True, False)
+    ]
+
+
+def trial_key(params: dict[str, Any]) -> str:
+    return network_name(params)
+
+
+def run_trial(
+    config: BatchNormConfig,
+    params: dict[str, Any],
+    split: Any,
+    on_epoch: EpochCallback | None,
+) -> NetworkResult:
+    return _train_network(
+        config, params["batch_norm"], params["network"], split, on_epoch
+    )
+
+
+def make_result(
+    config: BatchNormConfig, networks: list[NetworkResult]
+) -> BatchNormResult:
+    return BatchNormResult(config, list(networks))
+
+
+def write_result(
+    result: BatchNormResult,
+    out: OutputFolder,
+    finished: bool,
+    failed: list[dict[str, Any]],
+) -> None:
+    """Write the output files; the figure only once the sweep is over."""
+    details = {
+        **network_details(result.networks),
+        **result.statistics(),
+        "failed_trials": failed,
+    }
+    figure = (lambda: plot_batchnorm(result)) if finished and result.networks else None
     out.write(result.summary(), result.curves(), details, figure)
 
 
 def run_batchnorm(
-    config: BatchNormConfig, out: str | Path, on_epoch: EpochCallback | None = None
+    config: BatchNormConfig,
+    out: str | Path,
+    on_epoch: EpochCallback | None = None,
+    *,
+    executor: Any = None,
+    retries: int = 0,
+    force: bool = False,
+    on_trial: Any = None,
 ) -> BatchNormResult:
     """Train ``config.networks`` networks with and as many without batch norm, measure
     each one's curve, and write ``out``.
@@ -211,19 +268,29 @@ def run_batchnorm(
     ``out`` receives summary.csv (one row per network), curves.csv, run.json (with each
     group's AUC mean, standard deviation and range) and figure.png. The CSV and JSON
     files are rewritten after every network.
+
+    Args:
+        config: The experiment's settings.
+        out: Output folder. It also holds the results store, results.sqlite, so
+            running again with the same folder resumes the sweep.
+        on_epoch: Called after every epoch with the network's name and the epoch's
+            record, when the trials run in this process.
+        executor: Where the trials run (see ``singledir.sweep``). Default: in this
+            process, one after another.
+        retries: Reruns of a failed trial before it is recorded as failed.
+        force: Run a changed config in a folder that holds another one.
+        on_trial: Called after every finished trial with the number done, the total,
+            the trial's name and its status.
     """
-    config.validate()
-    folder = OutputFolder(out, "batchnorm", config)
-    split = load_data(config)
-    result = BatchNormResult(config)
-    for index in range(config.networks):
-        for batch_norm in (True, False):
-            network = _train_network(config, batch_norm, index, split, on_epoch)
-            result.networks.append(network)
-            logger.info("%s: AUC %.4f", network.name, network.curve.auc)
-            _write(result, folder, finished=False)
-    _write(result, folder, finished=True)
-    return result
+    from singledir.sweep.driver import run_sweep
 
-
-__all__ = ["BatchNormConfig", "BatchNormResult", "run_batchnorm"]
+    return run_sweep(
+        __name__,
+        config,
+        out,
+        executor=executor,
+        retries=retries,
+        force=force,
+        on_epoch=on_epoch,
+        on_trial=on_trial,
+    )

@@ -27,9 +27,9 @@ from singledir.experiments._common import (
     check_fractions,
     curves_frame,
     fit,
-    load_data,
     measure,
     network_details,
+    network_name,
     network_seeds,
     pyplot,
     spearman_with_p,
@@ -128,14 +128,51 @@ def plot_curves(result: CorruptedLabelsResult) -> Any:
     return figure
 
 
-def _write(result: CorruptedLabelsResult, out: OutputFolder, finished: bool) -> None:
-    rho, p_value = result.spearman()
+NAME = "corrupted-labels"
+CONFIG_TYPE = CorruptedLabelsConfig
+
+# Options that choose which networks run without changing any of them.
+SWEEP_ONLY_FIELDS = ("fractions",)
+
+
+def trial_params(config: CorruptedLabelsConfig) -> list[dict[str, Any]]:
+    """Return the settings of each network of the sweep, in order."""
+    return [{"corruption": fraction} for fraction in config.fractions]
+
+
+def trial_key(params: dict[str, Any]) -> str:
+    return network_name(params)
+
+
+def run_trial(
+    config: CorruptedLabelsConfig,
+    params: dict[str, Any],
+    split: Any,
+    on_epoch: EpochCallback | None,
+) -> NetworkResult:
+    return _train_trial(config, params["corruption"], split, on_epoch)
+
+
+def make_result(
+    config: CorruptedLabelsConfig, networks: list[NetworkResult]
+) -> CorruptedLabelsResult:
+    return CorruptedLabelsResult(config, list(networks))
+
+
+def write_result(
+    result: CorruptedLabelsResult,
+    out: OutputFolder,
+    finished: bool,
+    failed: list[dict[str, Any]],
+) -> None:
+    """Write the output files; the figure only once the sweep is over."""
     details = {
         **network_details(result.trials),
-        "spearman_corruption_auc": rho,
-        "spearman_p_value": p_value,
+        "spearman_corruption_auc": result.spearman()[0],
+        "spearman_p_value": result.spearman()[1],
+        "failed_trials": failed,
     }
-    figure = (lambda: plot_curves(result)) if finished else None
+    figure = (lambda: plot_curves(result)) if finished and result.trials else None
     out.write(result.summary(), result.curves(), details, figure)
 
 
@@ -143,23 +180,39 @@ def run_corrupted_labels(
     config: CorruptedLabelsConfig,
     out: str | Path,
     on_epoch: EpochCallback | None = None,
+    *,
+    executor: Any = None,
+    retries: int = 0,
+    force: bool = False,
+    on_trial: Any = None,
 ) -> CorruptedLabelsResult:
     """Train one network per corruption fraction, measure its curve and write ``out``.
 
     ``out`` receives summary.csv, curves.csv, run.json and figure.png. The CSV and JSON
     files are rewritten after every network, so a crash keeps the finished ones.
-    ``on_epoch`` is called after every epoch with the network's name, such as
-    "corruption 0.2", and the epoch's record.
+
+    Args:
+        config: The experiment's settings.
+        out: Output folder. It also holds the results store, results.sqlite, so
+            running again with the same folder resumes the sweep.
+        on_epoch: Called after every epoch with the network's name and the epoch's
+            record, when the trials run in this process.
+        executor: Where the trials run (see ``singledir.sweep``). Default: in this
+            process, one after another.
+        retries: Reruns of a failed trial before it is recorded as failed.
+        force: Run a changed config in a folder that holds another one.
+        on_trial: Called after every finished trial with the number done, the total,
+            the trial's name and its status.
     """
-    config.validate()
-    folder = OutputFolder(out, "corrupted-labels", config)
-    split = load_data(config)
-    result = CorruptedLabelsResult(config)
-    for fraction in config.fractions:
-        logger.info("Corruption %g: training", fraction)
-        trial = _train_trial(config, fraction, split, on_epoch)
-        result.trials.append(trial)
-        logger.info("Corruption %g: AUC %.4f", fraction, trial.curve.auc)
-        _write(result, folder, finished=False)
-    _write(result, folder, finished=True)
-    return result
+    from singledir.sweep.driver import run_sweep
+
+    return run_sweep(
+        __name__,
+        config,
+        out,
+        executor=executor,
+        retries=retries,
+        force=force,
+        on_epoch=on_epoch,
+        on_trial=on_trial,
+    )

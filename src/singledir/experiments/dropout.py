@@ -30,9 +30,9 @@ from singledir.experiments._common import (
     check_fractions,
     curves_frame,
     fit,
-    load_data,
     measure,
     network_details,
+    network_name,
     network_seeds,
     pyplot,
     summary_frame,
@@ -75,10 +75,6 @@ class DropoutConfig(NetworkConfig):
         return cls(
             dataset="mnist", hidden=(2048, 2048), epochs=640, target_train_accuracy=1.0
         )
-
-
-def network_name(dropout: float, corruption: float) -> str:
-    return f"dropout {dropout:g}, corruption {corruption:g}"
 
 
 @dataclass
@@ -138,7 +134,7 @@ def _train_network(
         split.train_targets, corruption, seed=seeds["corruption"]
     )
     model = build_network(config, split, seeds["init"], dropout=dropout)
-    name = network_name(dropout, corruption)
+    name = network_name({"dropout": dropout, "corruption": corruption})
     history = fit(config, name, model, split, labels, seeds["data_order"], on_epoch)
     # Every curve gets the points of every dropout fraction, so that the AUCs of one
     # run integrate over the same grid.
@@ -193,14 +189,66 @@ def plot_dropout(result: DropoutResult) -> Any:
     return figure
 
 
-def _write(result: DropoutResult, out: OutputFolder, finished: bool) -> None:
-    details = {**network_details(result.networks), **result.statistics()}
-    figure = (lambda: plot_dropout(result)) if finished else None
+NAME = "dropout"
+CONFIG_TYPE = DropoutConfig
+
+# Options that choose which networks run without changing any of them.
+SWEEP_ONLY_FIELDS = ("corruptions",)
+
+
+def trial_params(config: DropoutConfig) -> list[dict[str, Any]]:
+    """Return the settings of each network of the sweep, in order."""
+    return [
+        {"dropout": dropout, "corruption": corruption}
+        for corruption in config.corruptions
+        for dropout in config.dropouts
+    ]
+
+
+def trial_key(params: dict[str, Any]) -> str:
+    return network_name(params)
+
+
+def run_trial(
+    config: DropoutConfig,
+    params: dict[str, Any],
+    split: Any,
+    on_epoch: EpochCallback | None,
+) -> NetworkResult:
+    return _train_network(
+        config, params["dropout"], params["corruption"], split, on_epoch
+    )
+
+
+def make_result(config: DropoutConfig, networks: list[NetworkResult]) -> DropoutResult:
+    return DropoutResult(config, list(networks))
+
+
+def write_result(
+    result: DropoutResult,
+    out: OutputFolder,
+    finished: bool,
+    failed: list[dict[str, Any]],
+) -> None:
+    """Write the output files; the figure only once the sweep is over."""
+    details = {
+        **network_details(result.networks),
+        **result.statistics(),
+        "failed_trials": failed,
+    }
+    figure = (lambda: plot_dropout(result)) if finished and result.networks else None
     out.write(result.summary(), result.curves(), details, figure)
 
 
 def run_dropout(
-    config: DropoutConfig, out: str | Path, on_epoch: EpochCallback | None = None
+    config: DropoutConfig,
+    out: str | Path,
+    on_epoch: EpochCallback | None = None,
+    *,
+    executor: Any = None,
+    retries: int = 0,
+    force: bool = False,
+    on_trial: Any = None,
 ) -> DropoutResult:
     """Train one MLP per dropout rate and label corruption, measure its curve and write
     ``out``.
@@ -208,16 +256,29 @@ def run_dropout(
     ``out`` receives summary.csv (with each network's accuracy drop at its dropout
     fraction), curves.csv, run.json (with the AUC and that drop of each network) and
     figure.png. The CSV and JSON files are rewritten after every network.
+
+    Args:
+        config: The experiment's settings.
+        out: Output folder. It also holds the results store, results.sqlite, so
+            running again with the same folder resumes the sweep.
+        on_epoch: Called after every epoch with the network's name and the epoch's
+            record, when the trials run in this process.
+        executor: Where the trials run (see ``singledir.sweep``). Default: in this
+            process, one after another.
+        retries: Reruns of a failed trial before it is recorded as failed.
+        force: Run a changed config in a folder that holds another one.
+        on_trial: Called after every finished trial with the number done, the total,
+            the trial's name and its status.
     """
-    config.validate()
-    folder = OutputFolder(out, "dropout", config)
-    split = load_data(config)
-    result = DropoutResult(config)
-    for corruption in config.corruptions:
-        for dropout in config.dropouts:
-            network = _train_network(config, dropout, corruption, split, on_epoch)
-            result.networks.append(network)
-            logger.info("%s: AUC %.4f", network.name, network.curve.auc)
-            _write(result, folder, finished=False)
-    _write(result, folder, finished=True)
-    return result
+    from singledir.sweep.driver import run_sweep
+
+    return run_sweep(
+        __name__,
+        config,
+        out,
+        executor=executor,
+        retries=retries,
+        force=force,
+        on_epoch=on_epoch,
+        on_trial=on_trial,
+    )

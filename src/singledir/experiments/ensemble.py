@@ -28,9 +28,9 @@ from singledir.experiments._common import (
     correlations,
     curves_frame,
     fit,
-    load_data,
     measure,
     network_details,
+    network_name,
     network_seeds,
     pyplot,
     summary_frame,
@@ -166,14 +166,62 @@ def plot_ensemble(result: EnsembleResult) -> Any:
     return figure
 
 
-def _write(result: EnsembleResult, out: OutputFolder, finished: bool) -> None:
-    details = {**network_details(result.networks), **result.statistics()}
-    figure = (lambda: plot_ensemble(result)) if finished else None
+NAME = "ensemble"
+CONFIG_TYPE = EnsembleConfig
+
+# Options that choose which networks run without changing any of them.
+SWEEP_ONLY_FIELDS = ("networks", "compared")
+
+
+def trial_params(config: EnsembleConfig) -> list[dict[str, Any]]:
+    """Return the settings of each network of the sweep, in order."""
+    return [{"network": index} for index in range(config.networks)]
+
+
+def trial_key(params: dict[str, Any]) -> str:
+    return network_name(params)
+
+
+def run_trial(
+    config: EnsembleConfig,
+    params: dict[str, Any],
+    split: Any,
+    on_epoch: EpochCallback | None,
+) -> NetworkResult:
+    return _train_network(config, params["network"], split, on_epoch)
+
+
+def make_result(
+    config: EnsembleConfig, networks: list[NetworkResult]
+) -> EnsembleResult:
+    return EnsembleResult(config, list(networks))
+
+
+def write_result(
+    result: EnsembleResult,
+    out: OutputFolder,
+    finished: bool,
+    failed: list[dict[str, Any]],
+) -> None:
+    """Write the output files; the figure only once the sweep is over."""
+    details = {
+        **network_details(result.networks),
+        **result.statistics(),
+        "failed_trials": failed,
+    }
+    figure = (lambda: plot_ensemble(result)) if finished and result.networks else None
     out.write(result.summary(), result.curves(), details, figure)
 
 
 def run_ensemble(
-    config: EnsembleConfig, out: str | Path, on_epoch: EpochCallback | None = None
+    config: EnsembleConfig,
+    out: str | Path,
+    on_epoch: EpochCallback | None = None,
+    *,
+    executor: Any = None,
+    retries: int = 0,
+    force: bool = False,
+    on_trial: Any = None,
 ) -> EnsembleResult:
     """Train ``config.networks`` networks that differ only in their seeds, measure each
     one's curve, and write ``out``.
@@ -182,23 +230,29 @@ def run_ensemble(
     AUC), curves.csv, run.json (with the Spearman and Pearson correlations of AUC with
     generalization error and their p-values) and figure.png. The CSV and JSON files are
     rewritten after every network, so a crash keeps the finished ones.
+
+    Args:
+        config: The experiment's settings.
+        out: Output folder. It also holds the results store, results.sqlite, so
+            running again with the same folder resumes the sweep.
+        on_epoch: Called after every epoch with the network's name and the epoch's
+            record, when the trials run in this process.
+        executor: Where the trials run (see ``singledir.sweep``). Default: in this
+            process, one after another.
+        retries: Reruns of a failed trial before it is recorded as failed.
+        force: Run a changed config in a folder that holds another one.
+        on_trial: Called after every finished trial with the number done, the total,
+            the trial's name and its status.
     """
-    config.validate()
-    folder = OutputFolder(out, "ensemble", config)
-    split = load_data(config)
-    result = EnsembleResult(config)
-    for index in range(config.networks):
-        network = _train_network(config, index, split, on_epoch)
-        result.networks.append(network)
-        logger.info(
-            "Network %d: generalization error %.4f, AUC %.4f",
-            index,
-            network.generalization_error,
-            network.curve.auc,
-        )
-        _write(result, folder, finished=False)
-    _write(result, folder, finished=True)
-    return result
+    from singledir.sweep.driver import run_sweep
 
-
-__all__ = ["EnsembleConfig", "EnsembleResult", "run_ensemble"]
+    return run_sweep(
+        __name__,
+        config,
+        out,
+        executor=executor,
+        retries=retries,
+        force=force,
+        on_epoch=on_epoch,
+        on_trial=on_trial,
+    )

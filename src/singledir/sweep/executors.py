@@ -1,0 +1,184 @@
+"""Executors run the trials of a sweep: in this process, in a pool of worker processes,
+or as tasks on a Ray cluster.
+
+Every executor takes a list of trials and yields each one's outcome as it finishes, in
+the order they finish. A trial that raises, or whose worker dies, yields an error text
+instead of a result. The executors never touch the results store: the driver does.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import logging
+import multiprocessing
+import time
+import traceback
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+logger = logging.getLogger(__name__)
+
+EXECUTORS = ("local", "ray")
+
+
+@dataclass
+class Task:
+    """One trial to run: its key and the arguments of the trial function."""
+
+    key: str
+    args: tuple[Any, ...]
+
+
+@dataclass
+class Outcome:
+    """What came back from one trial: a result, or the error that stopped it."""
+
+    key: str
+    result: dict[str, Any] | None
+    error: str | None
+    seconds: float
+
+
+def _timed_call(function: Callable[..., dict[str, Any]], args: tuple[Any, ...]) -> Any:
+    started = time.perf_counter()
+    result = function(*args)
+    return result, time.perf_counter() - started
+
+
+def _error_text(error: BaseException) -> str:
+    lines = traceback.format_exception(type(error), error, error.__traceback__)
+    return "".join(lines).strip()
+
+
+class LocalExecutor:
+    """Runs trials in this process, or in ``workers`` spawned worker processes."""
+
+    def __init__(self, workers: int = 1):
+        if workers < 1:
+            raise ValueError(
+                f"Expected workers to be at least 1, but got {workers}. Pass 1 to run "
+                "the trials in this process."
+            )
+        self.workers = workers
+
+    def run(
+        self,
+        function: Callable[..., dict[str, Any]],
+        tasks: Sequence[Task],
+        on_start: Callable[[str], None],
+    ) -> Iterator[Outcome]:
+        if self.workers == 1:
+            for task in tasks:
+                on_start(task.key)
+                started = time.perf_counter()
+                try:
+                    result = function(*task.args)
+                # A trial may raise anything; it is recorded and retried.
+                except Exception as error:  # noqa: BLE001
+                    yield Outcome(
+                        task.key,
+                        None,
+                        _error_text(error),
+                        time.perf_counter() - started,
+                    )
+                else:
+                    yield Outcome(task.key, result, None, time.perf_counter() - started)
+            return
+        yield from self._run_pool(function, tasks, on_start)
+
+    def _run_pool(
+        self,
+        function: Callable[..., dict[str, Any]],
+        tasks: Sequence[Task],
+        on_start: Callable[[str], None],
+    ) -> Iterator[Outcome]:
+        # Spawned workers start clean; forked ones would inherit torch's thread pools.
+        context = multiprocessing.get_context("spawn")
+        with concurrent.futures.ProcessPoolExecutor(
+            max_workers=self.workers, mp_context=context
+        ) as pool:
+            futures = {}
+            for task in tasks:
+                on_start(task.key)
+                futures[pool.submit(_timed_call, function, task.args)] = task.key
+            for future in concurrent.futures.as_completed(futures):
+                key = futures[future]
+                try:
+                    result, seconds = future.result()
+                except concurrent.futures.process.BrokenProcessPool as error:
+                    # Every trial still in the pool fails with this error when one
+                    # worker dies, so each is retried.
+                    yield Outcome(key, None, f"The worker process died: {error}", 0.0)
+                except Exception as error:  # noqa: BLE001
+                    yield Outcome(key, None, _error_text(error), 0.0)
+                else:
+                    yield Outcome(key, result, None, seconds)
+
+
+class RayExecutor:
+    """Runs each trial as a Ray task that asks for ``cpus`` CPUs and ``gpus`` GPUs.
+
+    ``address`` joins an existing cluster ("auto" finds the local one); None starts a
+    local cluster in this process.
+    """
+
+    def __init__(self, address: str | None = None, cpus: float = 1, gpus: float = 0):
+        try:
+            import ray
+        except ImportError:
+            raise ImportError(
+                "The Ray executor needs Ray, which is not installed. Install it with "
+                'pip install "singledir[ray]".'
+            ) from None
+        self._ray = ray
+        if not ray.is_initialized():
+            ray.init(
+                address=address,
+                include_dashboard=False,
+                logging_level=logging.WARNING,
+                configure_logging=False,
+            )
+        self.cpus = cpus
+        self.gpus = gpus
+
+    def run(
+        self,
+        function: Callable[..., dict[str, Any]],
+        tasks: Sequence[Task],
+        on_start: Callable[[str], None],
+    ) -> Iterator[Outcome]:
+        ray = self._ray
+        remote = ray.remote(num_cpus=self.cpus, num_gpus=self.gpus, max_retries=0)(
+            _timed_call
+        )
+        pending = {}
+        for task in tasks:
+            on_start(task.key)
+            pending[remote.remote(function, task.args)] = task.key
+        while pending:
+            ready, _ = ray.wait(list(pending), num_returns=1)
+            reference = ready[0]
+            key = pending.pop(reference)
+            try:
+                result, seconds = ray.get(reference)
+            except Exception as error:  # noqa: BLE001
+                yield Outcome(key, None, _error_text(error), 0.0)
+            else:
+                yield Outcome(key, result, None, seconds)
+
+
+def make_executor(
+    name: str,
+    *,
+    workers: int = 1,
+    address: str | None = None,
+    cpus: float = 1,
+    gpus: float = 0,
+) -> LocalExecutor | RayExecutor:
+    """Build the executor called ``name``: "local" or "ray"."""
+    if name == "local":
+        return LocalExecutor(workers)
+    if name == "ray":
+        return RayExecutor(address, cpus, gpus)
+    raise ValueError(f"Unknown executor {name!r}. Pass one of: {', '.join(EXECUTORS)}.")
