@@ -244,7 +244,7 @@ def test_store_of_another_experiment_is_rejected(tmp_path):
     with pytest.raises(StoreError) as error:
         run_ensemble(EnsembleConfig(networks=3, compared=1, **TINY), tmp_path)
     assert str(error.value) == (
-        f"{str(tmp_path / STORE_NAME)!r} holds a dropout sweep, not ensemble. Pass "
+        f"{str(tmp_path / STORE_NAME)!r} contains a dropout sweep, not ensemble. Pass "
         "another --out folder."
     )
 
@@ -320,3 +320,38 @@ def test_driver_killed_midway_resumes_exactly_once(tmp_path):
     curves = pd.read_csv(out / "curves.csv")
     assert curves.groupby("network").size().tolist() == [2 * 5] * 6
     assert json.loads((out / "run.json").read_text())["finished"] is True
+
+
+def _crash_on_second(value: int) -> dict:
+    """Return ``value``, or end the worker process abruptly when it is 2."""
+    if value == 2:
+        os._exit(3)
+    return {"value": value}
+
+
+def test_worker_death_is_an_outcome_not_a_crash():
+    from singledir.sweep.executors import Task
+
+    started = []
+    outcomes = list(
+        LocalExecutor(2).run(
+            _crash_on_second,
+            [Task(f"trial {value}", (value,)) for value in (1, 2)],
+            started.append,
+        )
+    )
+    assert started == ["trial 1", "trial 2"]
+    by_key = {outcome.key: outcome for outcome in outcomes}
+    assert by_key["trial 2"].result is None
+    assert by_key["trial 2"].error.startswith("The worker process died: ")
+    # Trial 1 either finished before the pool broke or failed with it; either way it
+    # comes back once.
+    assert len(outcomes) == 2
+
+
+def test_empty_store_file_is_replaced(tmp_path):
+    (tmp_path / STORE_NAME).write_bytes(b"")
+    run_ensemble(EnsembleConfig(networks=3, compared=1, **TINY), tmp_path)
+    store = open_for_reading(tmp_path)
+    assert store.counts()["done"] == 3
+    store.close()

@@ -94,7 +94,7 @@ def run_sweep(
             ``write_result``, and may define ``check_sweep(config, split)``, which
             raises before any trial runs.
         config: The experiment's config.
-        out: Output folder; it holds the store and the output files.
+        out: Output folder, which contains the store and the output files.
         executor: Where the trials run. Default: in this process.
         retries: Reruns of a failed trial before it counts as failed.
         force: Run a changed config in a folder that holds another one. Trials whose
@@ -223,7 +223,7 @@ def _run(
             if on_trial is not None:
                 status = "failed" if outcome.error is not None else "done"
                 on_trial(len(results), total, outcome.key, status)
-            # The store already holds the outcome; the files are a view of it, so
+            # The store already contains the outcome and the files are a view of it, so
             # they are rewritten at most every WRITE_INTERVAL seconds.
             if time.monotonic() - last_write[0] >= WRITE_INTERVAL:
                 write(finished=False)

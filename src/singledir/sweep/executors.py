@@ -32,7 +32,7 @@ class Task:
 
 @dataclass
 class Outcome:
-    """What came back from one trial: a result, or the error that stopped it."""
+    """The result of one trial, or the error that stopped it."""
 
     key: str
     result: dict[str, Any] | None
@@ -117,7 +117,7 @@ class LocalExecutor:
 
 
 class RayExecutor:
-    """Runs each trial as a Ray task that asks for ``cpus`` CPUs and ``gpus`` GPUs.
+    """Runs each trial as a Ray task that requests ``cpus`` CPUs and ``gpus`` GPUs.
 
     ``address`` joins an existing cluster ("auto" finds the local one); None starts a
     local cluster in this process.

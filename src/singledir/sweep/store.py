@@ -1,6 +1,6 @@
 """The results store of a sweep: one SQLite file in the output folder.
 
-It holds the sweep's experiment and config, and one row per trial: its config and that
+It contains the sweep's experiment and config, and one row per trial: its config and that
 config's hash, its status (pending, running, done or failed), attempts, timings, error
 text and result. Only the driver process writes to it, and every write is one
 transaction, so a crash leaves each trial either as it was or fully updated.
@@ -89,11 +89,15 @@ class ResultStore:
         """Open the store in ``folder``, creating it for a new sweep.
 
         Raises:
-            StoreError: If the file is not a singledir store, or it holds another
+            StoreError: If the file is not a singledir store, or it contains another
                 experiment, or a config that differs from ``config`` and ``force`` is
                 False. Nothing in the file is changed in these cases.
         """
         path = Path(folder) / STORE_NAME
+        if path.exists() and path.stat().st_size == 0:
+            # SQLite creates an empty file before the first transaction; a process that
+            # died then left nothing to keep.
+            path.unlink()
         if path.exists():
             store = cls._open_existing(path)
             store._check_sweep(experiment, config, force)
@@ -157,7 +161,7 @@ class ResultStore:
         meta = self.meta()
         if meta["experiment"] != experiment:
             raise StoreError(
-                f"{str(self.path)!r} holds a {meta['experiment']} sweep, not "
+                f"{str(self.path)!r} contains a {meta['experiment']} sweep, not "
                 f"{experiment}. Pass another --out folder."
             )
         stored = meta["config"]
