@@ -329,24 +329,29 @@ def _crash_on_second(value: int) -> dict:
     return {"value": value}
 
 
-def test_worker_death_is_an_outcome_not_a_crash():
+def test_worker_death_fails_only_its_trial():
     from singledir.sweep.executors import Task
 
     started = []
     outcomes = list(
         LocalExecutor(2).run(
             _crash_on_second,
-            [Task(f"trial {value}", (value,)) for value in (1, 2)],
+            [Task(f"trial {value}", (value,)) for value in (1, 2, 3, 4)],
             started.append,
         )
     )
-    assert started == ["trial 1", "trial 2"]
+    assert started == ["trial 1", "trial 2", "trial 3", "trial 4"]
+    assert sorted(outcome.key for outcome in outcomes) == [
+        "trial 1",
+        "trial 2",
+        "trial 3",
+        "trial 4",
+    ]
     by_key = {outcome.key: outcome for outcome in outcomes}
     assert by_key["trial 2"].result is None
     assert by_key["trial 2"].error.startswith("The worker process died: ")
-    # Trial 1 either finished before the pool broke or failed with it; either way it
-    # comes back once.
-    assert len(outcomes) == 2
+    for value in (1, 3, 4):
+        assert by_key[f"trial {value}"].result == {"value": value}
 
 
 def test_empty_store_file_is_replaced(tmp_path):
@@ -355,3 +360,68 @@ def test_empty_store_file_is_replaced(tmp_path):
     store = open_for_reading(tmp_path)
     assert store.counts()["done"] == 3
     store.close()
+
+
+def test_nan_loss_in_every_network_is_reported(tmp_path, capsys):
+    argv = ["ensemble", *TINY_ARGS, "--networks", "3", "--lr", "1e30", "--retries", "0"]
+    assert main([*argv, "--out", str(tmp_path)]) == 0
+    printed = capsys.readouterr().out.splitlines()
+    assert "No network finished." in printed
+    failures = [line for line in printed if line.startswith("Never succeeded")]
+    assert len(failures) == 3
+    assert failures[0].startswith(
+        "Never succeeded, after 1 attempt: network 0: FloatingPointError: The training "
+        "loss became"
+    )
+
+
+def test_second_driver_on_one_folder_is_rejected(tmp_path):
+    from singledir.sweep.driver import _lock_sweep
+
+    held = _lock_sweep(tmp_path)
+    try:
+        with pytest.raises(StoreError) as error:
+            run_ensemble(EnsembleConfig(networks=3, compared=1, **TINY), tmp_path)
+    finally:
+        held.close()
+    assert str(error.value) == (
+        f"Another singledir process is running the sweep in {str(tmp_path)!r}. Wait "
+        "for it to finish, or pass another --out folder."
+    )
+
+
+def test_damaged_store_is_reported_untouched(tmp_path):
+    config = EnsembleConfig(networks=3, compared=1, **TINY)
+    run_ensemble(config, tmp_path)
+    path = tmp_path / STORE_NAME
+    data = bytearray(path.read_bytes())
+    assert len(data) > 8192
+    data[4096:8192] = b"\xff" * 4096
+    path.write_bytes(bytes(data))
+    before = _digest(path)
+    with pytest.raises(StoreError) as error:
+        run_ensemble(config, tmp_path)
+    assert str(error.value).startswith(f"{str(path)!r} is damaged and cannot be read (")
+    assert str(error.value).endswith("). Move it away or pass another --out folder.")
+    assert _digest(path) == before
+
+
+def test_narrowed_sweep_keeps_the_other_networks(tmp_path, monkeypatch):
+    calls = _count_trials(monkeypatch)
+    run_ensemble(EnsembleConfig(networks=4, compared=1, **TINY), tmp_path)
+    run_ensemble(EnsembleConfig(networks=3, compared=1, **TINY), tmp_path, force=True)
+    assert pd.read_csv(tmp_path / "summary.csv")["network"].tolist() == [0, 1, 2]
+    run_ensemble(EnsembleConfig(networks=4, compared=1, **TINY), tmp_path, force=True)
+    assert calls == [0, 1, 2, 3]
+
+
+def test_networks_with_one_name_are_rejected(tmp_path):
+    from singledir.experiments import CorruptedLabelsConfig, run_corrupted_labels
+
+    config = CorruptedLabelsConfig(fractions=(0.1, 0.1000001, 0.5), **TINY)
+    with pytest.raises(ValueError) as error:
+        run_corrupted_labels(config, tmp_path)
+    assert str(error.value) == (
+        "Several networks of this sweep have the same name: corruption 0.1. Pass "
+        "settings that differ in their first 6 significant digits."
+    )

@@ -157,6 +157,20 @@ def _target_accuracy(text: str) -> float | None:
     return value
 
 
+def _non_negative_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected a number, but got {text!r}"
+        ) from None
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(
+            f"expected a number of at least 0, but got {value}"
+        )
+    return value
+
+
 def _metric_name(text: str) -> str | None:
     return None if text.lower() == "none" else text
 
@@ -563,7 +577,7 @@ def _add_sweep_options(parser: argparse.ArgumentParser) -> None:
     )
     group.add_argument(
         "--gpus-per-trial",
-        type=float,
+        type=_non_negative_float,
         default=0.0,
         help="GPUs each Ray task asks for, such as 0.5 to share one (default: 0)",
     )
@@ -839,9 +853,11 @@ def _trial_reporter(enabled: bool) -> Any:
             from tqdm.auto import tqdm
 
             if not bar:
-                bar.append(tqdm(total=total, initial=done - 1, unit="network"))
-            bar[0].update(1)
+                bar.append(tqdm(total=total, unit="network"))
+            # The bar counts finished networks; failures show only in its text.
+            bar[0].n = done
             bar[0].set_postfix_str(f"{key}: {status}")
+            bar[0].refresh()
             return
         print(f"[{done}/{total}] {key}: {status}", file=sys.stderr, flush=True)
 
@@ -869,8 +885,11 @@ def _run_experiment(args: argparse.Namespace) -> int:
         config, args.out, on_epoch=_progress_reporter(args.progress), **sweep
     )
     print(result.summary().to_string(index=False, float_format=lambda x: f"{x:.4f}"))
-    for line in spec.headline(result):
-        print(line)
+    if _has_networks(result):
+        for line in spec.headline(result):
+            print(line)
+    else:
+        print("No network finished.")
     if spec.sweep:
         _print_failed(args.out)
     print(f"Wrote {args.out} in {time.perf_counter() - started:.1f} s")
@@ -1175,6 +1194,19 @@ def _run_curve(args: argparse.Namespace) -> int:
     return 0
 
 
+def _has_networks(result: Any) -> bool:
+    networks = getattr(result, "networks", None)
+    if networks is None:
+        networks = getattr(result, "trials", None)
+    if networks is None:
+        networks = getattr(result, "measurements", [])
+    return bool(networks)
+
+
+def _attempts(count: int) -> str:
+    return f"{count} attempt" if count == 1 else f"{count} attempts"
+
+
 def _print_failed(out: Path) -> None:
     from singledir.sweep.store import open_for_reading
 
@@ -1185,7 +1217,7 @@ def _print_failed(out: Path) -> None:
         store.close()
     for row in failed:
         last = (row.error or "").strip().splitlines()[-1:] or ["no error text"]
-        print(f"Never succeeded, after {row.attempts} attempts: {row.key}: {last[0]}")
+        print(f"Never succeeded, after {_attempts(row.attempts)}: {row.key}: {last[0]}")
 
 
 def _run_status(args: argparse.Namespace) -> int:
@@ -1208,7 +1240,7 @@ def _run_status(args: argparse.Namespace) -> int:
             detail = ""
             if row.error:
                 detail = ": " + row.error.strip().splitlines()[-1]
-            print(f"  {row.status}: {row.key} ({row.attempts} attempts){detail}")
+            print(f"  {row.status}: {row.key} ({_attempts(row.attempts)}){detail}")
     return 0
 
 

@@ -30,7 +30,7 @@ from singledir.experiments._common import (
     load_data,
 )
 from singledir.sweep.executors import LocalExecutor, Outcome, RayExecutor, Task
-from singledir.sweep.store import ResultStore
+from singledir.sweep.store import ResultStore, StoreError
 
 logger = logging.getLogger(__name__)
 
@@ -127,23 +127,44 @@ def run_sweep(
         check(config, split)
     # Through JSON, so tuples compare equal to the lists the store gives back.
     config_values = json.loads(json.dumps(dataclasses.asdict(config)))
-    store = ResultStore.open(out, module.NAME, config_values, force=force)
+    lock = _lock_sweep(Path(out))
     try:
-        return _run(
-            module,
-            module_name,
-            config,
-            config_values,
-            split,
-            store,
-            folder,
-            executor,
-            retries,
-            on_epoch,
-            on_trial,
-        )
+        store = ResultStore.open(out, module.NAME, config_values, force=force)
+        try:
+            return _run(
+                module,
+                module_name,
+                config,
+                config_values,
+                split,
+                store,
+                folder,
+                executor,
+                retries,
+                on_epoch,
+                on_trial,
+            )
+        finally:
+            store.close()
     finally:
-        store.close()
+        lock.close()
+
+
+def _lock_sweep(folder: Path) -> Any:
+    """Take an exclusive lock on the sweep's folder, held until the file is closed."""
+    import fcntl
+
+    folder.mkdir(parents=True, exist_ok=True)
+    handle = open(folder / "results.lock", "w")  # noqa: SIM115
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.close()
+        raise StoreError(
+            f"Another singledir process is running the sweep in {str(folder)!r}. Wait "
+            "for it to finish, or pass another --out folder."
+        ) from None
+    return handle
 
 
 def _run(
@@ -160,6 +181,13 @@ def _run(
     on_trial: TrialCallback | None,
 ) -> Any:
     params = {module.trial_key(p): p for p in module.trial_params(config)}
+    if len(params) != len(module.trial_params(config)):
+        keys = [module.trial_key(p) for p in module.trial_params(config)]
+        repeated = sorted({key for key in keys if keys.count(key) > 1})
+        raise ValueError(
+            f"Several networks of this sweep have the same name: {', '.join(repeated)}. "
+            "Pass settings that differ in their first 6 significant digits."
+        )
     # Options that only choose which networks run, such as their number, are left out
     # of each trial's config, so changing them keeps the results of the others.
     shared = {
@@ -202,7 +230,7 @@ def _run(
         failed = [
             {"trial": row.key, "attempts": row.attempts, "error": row.error}
             for row in store.trials()
-            if row.status == "failed"
+            if row.status == "failed" and row.key in params
         ]
         module.write_result(
             module.make_result(config, networks), folder, finished, failed
@@ -231,7 +259,7 @@ def _run(
         todo = [key for key in params if key in failed_now]
     if todo:
         logger.warning(
-            "%d trials failed after %d attempts: %s",
+            "%d trials failed after %d attempt(s): %s",
             len(todo),
             retries + 1,
             ", ".join(todo),

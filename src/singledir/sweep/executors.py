@@ -93,27 +93,64 @@ class LocalExecutor:
         tasks: Sequence[Task],
         on_start: Callable[[str], None],
     ) -> Iterator[Outcome]:
-        # Spawned workers start clean; forked ones would inherit torch's thread pools.
-        context = multiprocessing.get_context("spawn")
-        with concurrent.futures.ProcessPoolExecutor(
-            max_workers=self.workers, mp_context=context
-        ) as pool:
-            futures = {}
-            for task in tasks:
-                on_start(task.key)
-                futures[pool.submit(_timed_call, function, task.args)] = task.key
-            for future in concurrent.futures.as_completed(futures):
-                key = futures[future]
-                try:
-                    result, seconds = future.result()
-                except concurrent.futures.process.BrokenProcessPool as error:
-                    # Every trial still in the pool fails with this error when one
-                    # worker dies, so each is retried.
-                    yield Outcome(key, None, f"The worker process died: {error}", 0.0)
-                except Exception as error:  # noqa: BLE001
-                    yield Outcome(key, None, _error_text(error), 0.0)
-                else:
-                    yield Outcome(key, result, None, seconds)
+        broken = []
+        for task in tasks:
+            on_start(task.key)
+        for outcome, died in _pool_outcomes(function, tasks, self.workers):
+            if died:
+                broken.append(outcome.key)
+            else:
+                yield outcome
+        # A worker that dies fails every trial still in its pool, and nothing says
+        # which trial killed it. Each of those trials runs again alone, so only the
+        # one that kills its worker comes back failed.
+        by_key = {task.key: task for task in tasks}
+        for key in broken:
+            for outcome, _ in _pool_outcomes(function, [by_key[key]], 1):
+                yield outcome
+
+
+def _limit_worker_lifetime() -> None:
+    """Make the kernel stop this worker when its parent dies (Linux only).
+
+    Without it, a driver killed with SIGKILL leaves idle workers behind.
+    """
+    try:
+        import ctypes
+        import signal
+
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        pr_set_pdeathsig = 1
+        libc.prctl(pr_set_pdeathsig, signal.SIGTERM)
+    except (OSError, AttributeError):
+        # NOTE: on other systems the workers outlive a killed driver.
+        pass
+
+
+def _pool_outcomes(
+    function: Callable[..., dict[str, Any]], tasks: Sequence[Task], workers: int
+) -> Iterator[tuple[Outcome, bool]]:
+    """Yield each task's outcome, and whether its pool broke, from a fresh pool."""
+    # Spawned workers start clean; forked ones would inherit torch's thread pools.
+    context = multiprocessing.get_context("spawn")
+    with concurrent.futures.ProcessPoolExecutor(
+        max_workers=workers, mp_context=context, initializer=_limit_worker_lifetime
+    ) as pool:
+        futures = {
+            pool.submit(_timed_call, function, task.args): task.key for task in tasks
+        }
+        for future in concurrent.futures.as_completed(futures):
+            key = futures[future]
+            try:
+                result, seconds = future.result()
+            except concurrent.futures.process.BrokenProcessPool as error:
+                text = f"The worker process died: {error}"
+                yield Outcome(key, None, text, 0.0), True
+            # A trial may raise anything; it is recorded and retried.
+            except Exception as error:  # noqa: BLE001
+                yield Outcome(key, None, _error_text(error), 0.0), False
+            else:
+                yield Outcome(key, result, None, seconds), False
 
 
 class RayExecutor:
@@ -132,6 +169,8 @@ class RayExecutor:
                 'pip install "singledir[ray]".'
             ) from None
         self._ray = ray
+        # NOTE: an address where no cluster listens makes ray.init retry for minutes,
+        # and an already initialized Ray keeps its own cluster whatever the address.
         if not ray.is_initialized():
             ray.init(
                 address=address,
@@ -141,6 +180,14 @@ class RayExecutor:
             )
         self.cpus = cpus
         self.gpus = gpus
+        available = ray.cluster_resources()
+        for name, amount in (("CPU", cpus), ("GPU", gpus)):
+            if amount > available.get(name, 0):
+                raise ValueError(
+                    f"Each trial requests {amount:g} {name}s, but the Ray cluster has "
+                    f"{available.get(name, 0):g}, so no trial could start. Pass a "
+                    f"smaller --{name.lower()}s-per-trial."
+                )
 
     def run(
         self,

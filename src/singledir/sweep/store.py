@@ -135,6 +135,10 @@ class ResultStore:
         try:
             application = connection.execute("PRAGMA application_id").fetchone()[0]
             version = connection.execute("PRAGMA user_version").fetchone()[0]
+            # Reads every page, so damage past the header shows here, not mid-sweep.
+            check = connection.execute("PRAGMA quick_check").fetchone()[0]
+            if check != "ok":
+                raise sqlite3.DatabaseError(check)
         except sqlite3.DatabaseError as error:
             connection.close()
             raise StoreError(
@@ -207,17 +211,15 @@ class ResultStore:
         """Add every trial not yet in the store as pending, in one transaction.
 
         A trial already stored with another config (a sweep resumed with ``force``) is
-        reset to pending with the new config; one whose config is unchanged keeps its
-        status. Trials in the store but not in ``trials`` are deleted.
+        reset to pending with the new config, and one whose config is unchanged keeps
+        its status. Trials in the store but not in ``trials`` are kept, so that a sweep
+        narrowed with ``force`` and widened again does not lose them.
         """
         with self._connection:
             self._connection.execute("BEGIN")
             existing = dict(
                 self._connection.execute("SELECT key, config_hash FROM trials")
             )
-            keys = {key for key, _ in trials}
-            for stale in set(existing) - keys:
-                self._connection.execute("DELETE FROM trials WHERE key = ?", (stale,))
             for position, (key, config) in enumerate(trials):
                 digest = config_hash(config)
                 if existing.get(key) == digest:
