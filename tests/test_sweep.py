@@ -425,3 +425,29 @@ def test_networks_with_one_name_are_rejected(tmp_path):
         "Several networks of this sweep have the same name: corruption 0.1. Pass "
         "settings that differ in their first 6 significant digits."
     )
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        (["--address", "auto"], "--address applies to --executor ray. Leave it out."),
+        (
+            ["--gpus-per-trial", "1"],
+            (
+                "--cpus-per-trial and --gpus-per-trial apply to --executor ray. Leave them "
+                "out, or pass --executor ray."
+            ),
+        ),
+        (
+            ["--executor", "ray", "--workers", "2"],
+            (
+                "--workers applies to --executor local; Ray runs as many trials at once as "
+                "its CPUs allow. Leave it out."
+            ),
+        ),
+    ],
+)
+def test_executor_options_that_do_not_apply(tmp_path, capsys, options, message):
+    argv = ["ensemble", *TINY_ARGS, "--networks", "3", *options, "--out", str(tmp_path)]
+    assert main(argv) == 1
+    assert capsys.readouterr().err == f"singledir ensemble: error: {message}\n"

@@ -829,6 +829,16 @@ def _sweep_arguments(args: argparse.Namespace) -> dict[str, Any]:
         )
     if args.executor == "local" and args.address is not None:
         raise ValueError("--address applies to --executor ray. Leave it out.")
+    if args.executor == "local" and (args.cpus_per_trial != 1 or args.gpus_per_trial):
+        raise ValueError(
+            "--cpus-per-trial and --gpus-per-trial apply to --executor ray. Leave them "
+            "out, or pass --executor ray."
+        )
+    if args.executor == "ray" and args.workers != 1:
+        raise ValueError(
+            "--workers applies to --executor local; Ray runs as many trials at once as "
+            "its CPUs allow. Leave it out."
+        )
     executor = make_executor(
         args.executor,
         workers=args.workers,
