@@ -451,3 +451,24 @@ def test_executor_options_that_do_not_apply(tmp_path, capsys, options, message):
     argv = ["ensemble", *TINY_ARGS, "--networks", "3", *options, "--out", str(tmp_path)]
     assert main(argv) == 1
     assert capsys.readouterr().err == f"singledir ensemble: error: {message}\n"
+
+
+def test_ray_address_where_nothing_listens(tmp_path):
+    pytest.importorskip("ray")
+    import socket
+
+    from singledir.sweep import RayExecutor
+
+    # A port that was free a moment ago: nothing listens there.
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    with pytest.raises(ValueError) as error:
+        RayExecutor(address=f"127.0.0.1:{port}")
+    assert str(error.value).startswith(
+        f"No Ray cluster answers at '127.0.0.1:{port}' ("
+    )
+    assert str(error.value).endswith(
+        "). Check the address, start the cluster with 'ray start --head', or leave "
+        "--address out to start a local one."
+    )

@@ -169,9 +169,9 @@ class RayExecutor:
                 'pip install "singledir[ray]".'
             ) from None
         self._ray = ray
-        # NOTE: an address where no cluster listens makes ray.init retry for minutes,
-        # and an already initialized Ray keeps its own cluster whatever the address.
+        # NOTE: an already initialized Ray keeps its own cluster whatever the address.
         if not ray.is_initialized():
+            _check_reachable(address)
             ray.init(
                 address=address,
                 include_dashboard=False,
@@ -213,6 +213,29 @@ class RayExecutor:
                 yield Outcome(key, None, _error_text(error), 0.0)
             else:
                 yield Outcome(key, result, None, seconds)
+
+
+def _check_reachable(address: str | None) -> None:
+    """Raise ValueError if nothing accepts connections at a HOST:PORT cluster address.
+
+    ray.init retries such an address for minutes before it gives up.
+    """
+    if address is None or address == "auto":
+        return
+    host, separator, port = address.removeprefix("ray://").rpartition(":")
+    if not separator or not port.isdigit():
+        return
+    import socket
+
+    try:
+        with socket.create_connection((host, int(port)), timeout=5):
+            pass
+    except OSError as error:
+        raise ValueError(
+            f"No Ray cluster answers at {address!r} ({error}). Check the address, "
+            "start the cluster with 'ray start --head', or leave --address out to "
+            "start a local one."
+        ) from None
 
 
 def make_executor(
