@@ -378,12 +378,12 @@ def test_nan_loss_in_every_network_is_reported(tmp_path, capsys):
 def test_second_driver_on_one_folder_is_rejected(tmp_path):
     from singledir.sweep.driver import _lock_sweep
 
-    held = _lock_sweep(tmp_path)
+    lock = _lock_sweep(tmp_path)
     try:
         with pytest.raises(StoreError) as error:
             run_ensemble(EnsembleConfig(networks=3, compared=1, **TINY), tmp_path)
     finally:
-        held.close()
+        lock.close()
     assert str(error.value) == (
         f"Another singledir process is running the sweep in {str(tmp_path)!r}. Wait "
         "for it to finish, or pass another --out folder."

@@ -101,7 +101,7 @@ class LocalExecutor:
                 broken.append(outcome.key)
             else:
                 yield outcome
-        # A worker that dies fails every trial still in its pool, and nothing says
+        # A worker that dies fails every trial still in its pool, and nothing shows
         # which trial killed it. Each of those trials runs again alone, so only the
         # one that kills its worker comes back failed.
         by_key = {task.key: task for task in tasks}
