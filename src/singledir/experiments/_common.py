@@ -496,8 +496,8 @@ def correlations(x: np.ndarray, y: np.ndarray, prefix: str) -> dict[str, float]:
 
 
 class OutputFolder:
-    """The output folder of one run: rewritten after every network, so a crash keeps
-    the finished ones, and given its figure once the run finishes.
+    """The output folder of one run: its CSV and JSON files, rewritten while the run
+    goes on, and its figure, drawn once the run finishes.
     """
 
     def __init__(self, out: str | Path, experiment: str, config: NetworkConfig):

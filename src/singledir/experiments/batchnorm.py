@@ -266,8 +266,9 @@ def run_batchnorm(
     each one's curve, and write ``out``.
 
     ``out`` receives summary.csv (one row per network), curves.csv, run.json (with each
-    group's AUC mean, standard deviation and range) and figure.png. The CSV and JSON
-    files are rewritten after every network.
+    group's AUC mean, standard deviation and range) and figure.png. The results store in
+    ``out`` records each network as it finishes, so running again resumes. The CSV and
+    JSON files are rewritten at most every 30 s, and at the end.
 
     Args:
         config: The experiment's settings.

@@ -188,8 +188,9 @@ def run_corrupted_labels(
 ) -> CorruptedLabelsResult:
     """Train one network per corruption fraction, measure its curve and write ``out``.
 
-    ``out`` receives summary.csv, curves.csv, run.json and figure.png. The CSV and JSON
-    files are rewritten after every network, so a crash keeps the finished ones.
+    ``out`` receives summary.csv, curves.csv, run.json and figure.png. The results store
+    in ``out`` records each network as it finishes, so running again resumes. The CSV
+    and JSON files are rewritten at most every 30 s, and at the end.
 
     Args:
         config: The experiment's settings.

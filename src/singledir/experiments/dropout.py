@@ -255,7 +255,9 @@ def run_dropout(
 
     ``out`` receives summary.csv (with each network's accuracy drop at its dropout
     fraction), curves.csv, run.json (with the AUC and that drop of each network) and
-    figure.png. The CSV and JSON files are rewritten after every network.
+    figure.png. The results store in ``out`` records each network as it finishes, so
+    running again resumes. The CSV and JSON files are rewritten at most every 30 s, and
+    at the end.
 
     Args:
         config: The experiment's settings.

@@ -228,8 +228,9 @@ def run_ensemble(
 
     ``out`` receives summary.csv (one row per network, with its generalization error and
     AUC), curves.csv, run.json (with the Spearman and Pearson correlations of AUC with
-    generalization error and their p-values) and figure.png. The CSV and JSON files are
-    rewritten after every network, so a crash keeps the finished ones.
+    generalization error and their p-values) and figure.png. The results store in
+    ``out`` records each network as it finishes, so running again resumes. The CSV and
+    JSON files are rewritten at most every 30 s, and at the end.
 
     Args:
         config: The experiment's settings.
