@@ -1,4 +1,4 @@
-"""The experiment subcommands: options, the paper preset, and what they print."""
+"""The experiment subcommands: their options, the paper preset and their output."""
 
 import json
 
@@ -236,7 +236,7 @@ def test_over_training_end_to_end(tmp_path, capsys):
     assert run["device"] == "cpu"
 
 
-def test_curve_builds_a_named_model_and_loads_its_weights(tmp_path):
+def test_curve_named_model_weights(tmp_path):
     from singledir import ablation_curve
     from singledir.datasets import load_split
     from singledir.models import build_model

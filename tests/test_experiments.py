@@ -110,7 +110,7 @@ def test_ensemble_subset_reproduces_the_same_networks(ensemble_run, tmp_path):
         assert second.history == first.history
 
 
-def test_over_training_measures_every_n_epochs_and_the_last(tmp_path):
+def test_over_training_measurement_epochs(tmp_path):
     config = OverTrainingConfig(epochs=7, every=3, **TINY)
     result = run_over_training(config, tmp_path)
     summary, curves, run = _read(tmp_path)
@@ -133,9 +133,9 @@ def test_over_training_measures_every_n_epochs_and_the_last(tmp_path):
     assert len(orders) == 1
 
 
-def test_dropout_drop_is_read_at_the_dropout_fraction(tmp_path):
+def test_dropout_drop_at_fraction(tmp_path):
     # 2 x 10 hidden units. Dropout 0.1 is 2 units, which is not one of the 5 evenly
-    # spaced points 0, 5, 10, 15 and 20, so it is added; dropout 0.25 is 5 units.
+    # spaced points 0, 5, 10, 15 and 20, so it is added. Dropout 0.25 is 5 units.
     config = DropoutConfig(
         dropouts=(0.1, 0.25), corruptions=(0.0, 1.0), epochs=3, **TINY
     )
@@ -211,7 +211,7 @@ def test_corrupted_labels_trains_a_conv_net(tmp_path):
     assert run["config"]["model"] == "cnn11"
 
 
-def test_resnet_is_scored_by_top5_on_its_last_three_blocks(tmp_path):
+def test_resnet_top5_last_blocks(tmp_path):
     config = EnsembleConfig(
         networks=3, compared=1, model="resnet18", epochs=1, **{**TINY, "train_size": 40}
     )
@@ -223,7 +223,7 @@ def test_resnet_is_scored_by_top5_on_its_last_three_blocks(tmp_path):
     assert "top5" in curves.columns
 
 
-def test_measure_size_scores_the_same_subset_for_every_network(tmp_path):
+def test_measure_size_shared_subset(tmp_path):
     config = EnsembleConfig(networks=3, compared=1, epochs=1, measure_size=50, **TINY)
     result = run_ensemble(config, tmp_path)
     for network in result.networks:

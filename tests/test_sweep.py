@@ -466,7 +466,7 @@ def test_ray_address_where_nothing_listens(tmp_path):
     with pytest.raises(ValueError) as error:
         RayExecutor(address=f"127.0.0.1:{port}")
     assert str(error.value).startswith(
-        f"No Ray cluster answers at '127.0.0.1:{port}' ("
+        f"No Ray cluster accepts connections at '127.0.0.1:{port}' ("
     )
     assert str(error.value).endswith(
         "). Check the address, start the cluster with 'ray start --head', or leave "

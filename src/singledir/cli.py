@@ -590,7 +590,7 @@ def _add_sweep_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument(
         "--force",
         action="store_true",
-        help="run changed options in an --out folder that holds a sweep with other "
+        help="run changed options in an --out folder that contains a sweep with other "
         "options; networks whose settings are unchanged keep their results",
     )
 

@@ -224,7 +224,7 @@ def load_data(config: NetworkConfig) -> Split:
 
 
 def check_metric(config: NetworkConfig, split: Split) -> None:
-    """Raise ValueError if a topK metric asks for more classes than the data has."""
+    """Raise ValueError if a topK metric needs more classes than the data has."""
     metric = config.metric or ""
     if metric.startswith("top") and metric[3:].isdigit():
         k = int(metric[3:])
@@ -549,6 +549,21 @@ def network_details(results: Sequence[NetworkResult]) -> dict[str, Any]:
             for result in results
         },
     }
+
+
+def write_networks(
+    out: OutputFolder,
+    result: Any,
+    networks: Sequence[NetworkResult],
+    statistics: dict[str, Any],
+    plot: Callable[[Any], Any],
+    finished: bool,
+    failed: list[dict[str, Any]],
+) -> None:
+    """Write a sweep's output files, with the figure only once the sweep is over."""
+    details = {**network_details(networks), **statistics, "failed_trials": failed}
+    figure = (lambda: plot(result)) if finished and networks else None
+    out.write(result.summary(), result.curves(), details, figure)
 
 
 def pyplot() -> Any:

@@ -28,11 +28,11 @@ from singledir.experiments._common import (
     curves_frame,
     fit,
     measure,
-    network_details,
     network_name,
     network_seeds,
     pyplot,
     summary_frame,
+    write_networks,
 )
 
 logger = logging.getLogger(__name__)
@@ -243,13 +243,15 @@ def write_result(
     failed: list[dict[str, Any]],
 ) -> None:
     """Write the output files; the figure only once the sweep is over."""
-    details = {
-        **network_details(result.networks),
-        **result.statistics(),
-        "failed_trials": failed,
-    }
-    figure = (lambda: plot_batchnorm(result)) if finished and result.networks else None
-    out.write(result.summary(), result.curves(), details, figure)
+    write_networks(
+        out,
+        result,
+        result.networks,
+        result.statistics(),
+        plot_batchnorm,
+        finished,
+        failed,
+    )
 
 
 def run_batchnorm(
@@ -272,7 +274,7 @@ def run_batchnorm(
 
     Args:
         config: The experiment's settings.
-        out: Output folder. It also holds the results store, results.sqlite, so
+        out: Output folder. It also contains the results store, results.sqlite, so
             running again with the same folder resumes the sweep.
         on_epoch: Called after every epoch with the network's name and the epoch's
             record, when the trials run in this process.

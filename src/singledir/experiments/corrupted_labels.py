@@ -28,12 +28,12 @@ from singledir.experiments._common import (
     curves_frame,
     fit,
     measure,
-    network_details,
     network_name,
     network_seeds,
     pyplot,
     spearman_with_p,
     summary_frame,
+    write_networks,
 )
 
 logger = logging.getLogger(__name__)
@@ -159,6 +159,11 @@ def make_result(
     return CorruptedLabelsResult(config, list(networks))
 
 
+def _spearman_details(result: CorruptedLabelsResult) -> dict[str, float]:
+    rho, p_value = result.spearman()
+    return {"spearman_corruption_auc": rho, "spearman_p_value": p_value}
+
+
 def write_result(
     result: CorruptedLabelsResult,
     out: OutputFolder,
@@ -166,14 +171,15 @@ def write_result(
     failed: list[dict[str, Any]],
 ) -> None:
     """Write the output files; the figure only once the sweep is over."""
-    details = {
-        **network_details(result.trials),
-        "spearman_corruption_auc": result.spearman()[0],
-        "spearman_p_value": result.spearman()[1],
-        "failed_trials": failed,
-    }
-    figure = (lambda: plot_curves(result)) if finished and result.trials else None
-    out.write(result.summary(), result.curves(), details, figure)
+    write_networks(
+        out,
+        result,
+        result.trials,
+        _spearman_details(result),
+        plot_curves,
+        finished,
+        failed,
+    )
 
 
 def run_corrupted_labels(
@@ -194,7 +200,7 @@ def run_corrupted_labels(
 
     Args:
         config: The experiment's settings.
-        out: Output folder. It also holds the results store, results.sqlite, so
+        out: Output folder. It also contains the results store, results.sqlite, so
             running again with the same folder resumes the sweep.
         on_epoch: Called after every epoch with the network's name and the epoch's
             record, when the trials run in this process.

@@ -31,12 +31,12 @@ from singledir.experiments._common import (
     curves_frame,
     fit,
     measure,
-    network_details,
     network_name,
     network_seeds,
     pyplot,
     summary_frame,
     units_at_fraction,
+    write_networks,
 )
 
 logger = logging.getLogger(__name__)
@@ -231,13 +231,15 @@ def write_result(
     failed: list[dict[str, Any]],
 ) -> None:
     """Write the output files; the figure only once the sweep is over."""
-    details = {
-        **network_details(result.networks),
-        **result.statistics(),
-        "failed_trials": failed,
-    }
-    figure = (lambda: plot_dropout(result)) if finished and result.networks else None
-    out.write(result.summary(), result.curves(), details, figure)
+    write_networks(
+        out,
+        result,
+        result.networks,
+        result.statistics(),
+        plot_dropout,
+        finished,
+        failed,
+    )
 
 
 def run_dropout(
@@ -261,7 +263,7 @@ def run_dropout(
 
     Args:
         config: The experiment's settings.
-        out: Output folder. It also holds the results store, results.sqlite, so
+        out: Output folder. It also contains the results store, results.sqlite, so
             running again with the same folder resumes the sweep.
         on_epoch: Called after every epoch with the network's name and the epoch's
             record, when the trials run in this process.

@@ -97,7 +97,7 @@ def run_sweep(
         out: Output folder, which contains the store and the output files.
         executor: Where the trials run. Default: in this process.
         retries: Reruns of a failed trial before it counts as failed.
-        force: Run a changed config in a folder that holds another one. Trials whose
+        force: Run a changed config in a folder that contains another one. Trials whose
             config is unchanged keep their results.
         on_epoch: Called after every training epoch, only when the trials run in this
             process.
@@ -180,9 +180,10 @@ def _run(
     on_epoch: EpochCallback | None,
     on_trial: TrialCallback | None,
 ) -> Any:
-    params = {module.trial_key(p): p for p in module.trial_params(config)}
-    if len(params) != len(module.trial_params(config)):
-        keys = [module.trial_key(p) for p in module.trial_params(config)]
+    trials = module.trial_params(config)
+    keys = [module.trial_key(p) for p in trials]
+    params = dict(zip(keys, trials))
+    if len(params) != len(trials):
         repeated = sorted({key for key in keys if keys.count(key) > 1})
         raise ValueError(
             f"Several networks of this sweep have the same name: {', '.join(repeated)}. "

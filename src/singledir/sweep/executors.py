@@ -232,9 +232,9 @@ def _check_reachable(address: str | None) -> None:
             pass
     except OSError as error:
         raise ValueError(
-            f"No Ray cluster answers at {address!r} ({error}). Check the address, "
-            "start the cluster with 'ray start --head', or leave --address out to "
-            "start a local one."
+            f"No Ray cluster accepts connections at {address!r} ({error}). Check the "
+            "address, start the cluster with 'ray start --head', or leave --address "
+            "out to start a local one."
         ) from None
 
 
